@@ -1,0 +1,3 @@
+from omnicrm.cli import main
+
+main()

@@ -1,0 +1,151 @@
+"""Engine and session factory, and the versioned schema migrations."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from sqlalchemy import Connection, Engine, create_engine, event, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from omnicrm.config import Settings, ensure_private_dir, ensure_private_file
+from omnicrm.errors import ServiceUnavailable
+from omnicrm.models import Base, User
+
+SQLITE_BUSY_TIMEOUT_S = 30
+
+_engines: dict[str, Engine] = {}
+_migrated: set[str] = set()
+_lock = threading.Lock()
+
+
+def sqlite_path(url: str) -> Path | None:
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    return None
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    # pysqlite's own transaction handling is disabled so that every transaction starts with
+    # BEGIN IMMEDIATE: a writer waits for the busy timeout instead of failing on lock upgrade.
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        mode = "DEFERRED" if conn.get_execution_options().get("sqlite_read_only") else "IMMEDIATE"
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def get_engine(url: str) -> Engine:
+    """One engine per URL per process; SQLite files and their folder are created private."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            path = sqlite_path(url)
+            if path is not None:
+                ensure_private_file(path)
+                engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S,
+                                                          "check_same_thread": False})
+                _configure_sqlite(engine)
+            else:
+                engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+            _engines[url] = engine
+        return engine
+
+
+def dispose_engines() -> None:
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+        _migrated.clear()
+
+
+# --- migrations -------------------------------------------------------------------------------
+# Each migration runs once, in order, inside one locked transaction. Append, never edit:
+# a database at version N runs migrations N+1… only.
+
+def _m1_initial(conn: Connection) -> None:
+    Base.metadata.create_all(conn)
+
+
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
+    (1, _m1_initial),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS omnicrm_schema (version INTEGER NOT NULL)"
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the schema to SCHEMA_VERSION; idempotent and safe when processes race."""
+    with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE serialises racing processes
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(72651001)"))
+        conn.execute(text(_VERSION_TABLE))
+        current = conn.execute(text("SELECT max(version) FROM omnicrm_schema")).scalar() or 0
+        for version, step in MIGRATIONS:
+            if version > current:
+                step(conn)
+                conn.execute(text("INSERT INTO omnicrm_schema (version) VALUES (:v)"), {"v": version})
+                current = version
+        return current
+
+
+def ready_engine(settings: Settings) -> Engine:
+    """The engine for `settings`, with the home folder private and the schema up to date."""
+    ensure_private_dir(settings.home)
+    engine = get_engine(settings.database_url)
+    if settings.database_url not in _migrated:
+        try:
+            migrate(engine)
+        except OperationalError as exc:
+            raise ServiceUnavailable(f"cannot open the database: {describe_db_error(exc)}") from None
+        _migrated.add(settings.database_url)
+    return engine
+
+
+def describe_db_error(exc: Exception) -> str:
+    """One line about a driver error, with no credentials or SQL."""
+    orig = getattr(exc, "orig", exc)
+    message = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    return message
+
+
+def session_factory(settings: Settings) -> sessionmaker[Session]:
+    return sessionmaker(ready_engine(settings), expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(settings: Settings) -> Iterator[Session]:
+    """A session for one unit of work. The caller commits; anything uncommitted is rolled back."""
+    session = session_factory(settings)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def user_id(session: Session, name: str) -> int:
+    """The id of user `name`, created on first use."""
+    found = session.scalar(select(User.id).where(User.name == name))
+    if found is not None:
+        return found
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    session.execute(insert(User).values(name=name).on_conflict_do_nothing(index_elements=["name"]))
+    return session.scalar(select(User.id).where(User.name == name))

@@ -1,0 +1,138 @@
+"""The one filter builder behind `contacts list`, `export` and `delete`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, time, timedelta, timezone
+
+from sqlalchemy import Select, func, or_, select
+
+from omnicrm.errors import InvalidInput
+from omnicrm.models import Contact, ContactTag, Tag
+from omnicrm.normalize import digits, fold, looks_like_phone
+
+PERIODS = ("today", "week", "month", "quarter", "year")
+SEARCH_MAX = 200
+
+
+@dataclass(frozen=True)
+class ContactFilter:
+    search: str | None = None
+    created: str | None = None
+    tags: tuple[str, ...] = field(default_factory=tuple)
+    stale: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.search or self.created or self.tags or self.stale is not None)
+
+    def validate(self) -> "ContactFilter":
+        if self.search is not None and not (1 <= len(self.search) <= SEARCH_MAX and self.search.strip()):
+            raise InvalidInput(f"--search: must be 1-{SEARCH_MAX} characters (got {len(self.search)})")
+        if self.stale is not None and not (0 <= self.stale <= 36500):
+            raise InvalidInput("--stale: DAYS must be between 0 and 36500")
+        for tag in self.tags:
+            if not tag.strip():
+                raise InvalidInput("--tag: a tag cannot be empty")
+        if self.created is not None:
+            created_range(self.created, datetime.now(timezone.utc))
+        return self
+
+
+def _local_midnight(day: date, tz) -> datetime:
+    return datetime.combine(day, time.min).replace(tzinfo=tz).astimezone(timezone.utc)
+
+
+def created_range(spec: str, now: datetime) -> tuple[datetime | None, datetime | None]:
+    """[start, end) in UTC for `today|week|month|quarter|year|FROM..TO` (calendar periods, local time)."""
+    local = now.astimezone()
+    tz = local.tzinfo
+    today = local.date()
+    spec = spec.strip()
+    if spec in PERIODS:
+        if spec == "today":
+            start = today
+        elif spec == "week":
+            start = today - timedelta(days=today.weekday())
+        elif spec == "month":
+            start = today.replace(day=1)
+        elif spec == "quarter":
+            start = today.replace(month=3 * ((today.month - 1) // 3) + 1, day=1)
+        else:
+            start = today.replace(month=1, day=1)
+        return _local_midnight(start, tz), None
+    if ".." not in spec:
+        raise InvalidInput(f"--created: {spec!r} is not one of {', '.join(PERIODS)} or FROM..TO (ISO dates)")
+    left, right = spec.split("..", 1)
+    try:
+        start = date.fromisoformat(left.strip()) if left.strip() else None
+        end = date.fromisoformat(right.strip()) if right.strip() else None
+    except ValueError:
+        raise InvalidInput(f"--created: {spec!r} is not FROM..TO with ISO dates (YYYY-MM-DD)") from None
+    if start and end and end < start:
+        raise InvalidInput(f"--created: {spec!r} ends before it starts")
+    if not start and not end:
+        raise InvalidInput("--created: FROM..TO needs at least one date")
+    return (_local_midnight(start, tz) if start else None,
+            _local_midnight(end + timedelta(days=1), tz) if end else None)
+
+
+def search_term(query: str) -> str:
+    """What a search query is matched against the folded search text with."""
+    query = query.strip()
+    return digits(query) if looks_like_phone(query) else fold(query)
+
+
+def _like_pattern(term: str) -> str:
+    escaped = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def search_clause(term: str):
+    return Contact.search_text.like(_like_pattern(term), escape="\\")
+
+
+def apply_filter(stmt: Select, user_id: int, flt: ContactFilter, now: datetime) -> Select:
+    """Restrict `stmt` (selecting from contacts) to the acting user and the filter."""
+    stmt = stmt.where(Contact.user_id == user_id)
+    if flt.search:
+        stmt = stmt.where(search_clause(search_term(flt.search)))
+    if flt.created:
+        start, end = created_range(flt.created, now)
+        if start:
+            stmt = stmt.where(Contact.created_at >= start)
+        if end:
+            stmt = stmt.where(Contact.created_at < end)
+    for tag in flt.tags:
+        tagged = (select(ContactTag.contact_id).join(Tag, Tag.id == ContactTag.tag_id)
+                  .where(Tag.user_id == user_id, Tag.name == normalise_tag(tag)))
+        stmt = stmt.where(Contact.id.in_(tagged))
+    if flt.stale is not None:
+        cutoff = now - timedelta(days=flt.stale)
+        stmt = stmt.where(or_(Contact.last_interaction_at.is_(None), Contact.last_interaction_at < cutoff))
+    return stmt
+
+
+def normalise_tag(tag: str) -> str:
+    """Tags are trimmed and case-insensitive (stored lower-case)."""
+    return " ".join(tag.split()).lower()
+
+
+SORTS = {
+    "name": func.lower(Contact.display_name),
+    "created": Contact.created_at,
+    "updated": Contact.updated_at,
+    "last-contact": Contact.last_interaction_at,
+}
+
+
+def order_by(sort: str, order: str):
+    """Stable ordering: the sort column, then id in the same direction; empty values last."""
+    if sort not in SORTS:
+        raise InvalidInput(f"--sort: {sort!r} is not one of {', '.join(SORTS)}")
+    if order not in ("asc", "desc"):
+        raise InvalidInput(f"--order: {order!r} is not asc or desc")
+    column = SORTS[sort]
+    if order == "desc":
+        return (column.desc().nulls_last(), Contact.id.desc())
+    return (column.asc().nulls_last(), Contact.id.asc())

@@ -1,0 +1,70 @@
+"""Normalisation of names, emails and phones, and the folded search text built from them."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from functools import lru_cache
+
+_EMAIL_RE = re.compile(r"^[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9\u00a0-\uffff](?:[A-Za-z0-9\u00a0-\uffff-]*[A-Za-z0-9\u00a0-\uffff])?"
+                       r"(?:\.[A-Za-z0-9\u00a0-\uffff](?:[A-Za-z0-9\u00a0-\uffff-]*[A-Za-z0-9\u00a0-\uffff])?)+$")
+_PHONE_CHARS_RE = re.compile(r"^[\d\s()+.\-/]+$")
+_NON_DIGITS = re.compile(r"\D+")
+MAX_TEXT = 10_000
+
+
+def fold(text: str | None) -> str:
+    """Case-fold and strip accents: 'Zoë' → 'zoe'."""
+    if not text:
+        return ""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+def clean_text(value: str | None) -> str | None:
+    """Trim; empty becomes None."""
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def normalise_email(value: str) -> str:
+    return value.strip().lower()
+
+
+def is_valid_email(value: str) -> bool:
+    return len(value) <= 320 and bool(_EMAIL_RE.match(value))
+
+
+def digits(value: str | None) -> str:
+    return _NON_DIGITS.sub("", value or "")
+
+
+def looks_like_phone(query: str) -> bool:
+    """A search term made only of phone characters with at least three digits."""
+    return bool(_PHONE_CHARS_RE.match(query)) and len(digits(query)) >= 3
+
+
+@lru_cache(maxsize=4096)
+def to_e164(raw: str, region: str = "US") -> str | None:
+    """E.164 form of `raw` when it parses as a possible number, else None (the raw text is kept)."""
+    import phonenumbers  # heavy: imported on first use
+
+    try:
+        number = phonenumbers.parse(raw, region.upper())
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def search_text(name: str | None, company: str | None, emails: list[str], phones: list[tuple[str, str | None]]) -> str:
+    """The folded text every substring search runs against: name, company, emails, phone digits."""
+    parts = [fold(name), fold(company), *emails]
+    for raw, e164 in phones:
+        parts.append(digits(raw))
+        if e164:
+            parts.append(digits(e164))
+    return "\n".join(p for p in parts if p)

@@ -1,0 +1,113 @@
+"""The one writer for data on stdout: table, csv, json (one array) and jsonl, streamed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from datetime import date, datetime
+from typing import IO, Any, Iterable
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(value: str) -> str:
+    """OWASP CSV injection guard: prefix `'` to a cell a spreadsheet would run as a formula.
+
+    Valid phone numbers (+14155550101) and plain negative numbers are data, not formulas.
+    """
+    if not value or not value.startswith(FORMULA_START) or _is_plain_data(value):
+        return value
+    return "'" + value
+
+
+def unneutralise(value: str) -> str:
+    """Reverse `neutralise` on import."""
+    if value.startswith("'") and value[1:].startswith(FORMULA_START) and not _is_plain_data(value[1:]):
+        return value[1:]
+    return value
+
+
+def _is_plain_data(value: str) -> bool:
+    body = value[1:]
+    if value[0] in "+-" and body and all(c.isdigit() or c in " ()-." for c in body) and body[0].isdigit():
+        return True  # +14155550101, +1 (415) 555-0101, -42
+    return False
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    return value
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ";".join(_cell(v) for v in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(_scalar(value))
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    return _scalar(value)
+
+
+def write_records(records: Iterable[dict], fields: list[str], fmt: str, stream: IO[str] | None = None,
+                  *, csv_safe: bool = True) -> int:
+    """Write `records` (dicts) restricted to `fields` in `fmt`; returns how many were written."""
+    out = stream or sys.stdout
+    count = 0
+    if fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(fields)
+        for record in records:
+            cells = [_cell(record.get(f)) for f in fields]
+            writer.writerow([neutralise(c) for c in cells] if csv_safe else cells)
+            count += 1
+    elif fmt == "jsonl":
+        for record in records:
+            out.write(json.dumps({f: _json_value(record.get(f)) for f in fields}, ensure_ascii=False) + "\n")
+            count += 1
+    elif fmt == "json":
+        out.write("[")
+        for record in records:
+            out.write(",\n" if count else "\n")
+            out.write(json.dumps({f: _json_value(record.get(f)) for f in fields}, ensure_ascii=False))
+            count += 1
+        out.write("\n]\n" if count else "]\n")
+    else:
+        from tabulate import tabulate
+
+        rows = [[_table_cell(record.get(f)) for f in fields] for record in records]
+        count = len(rows)
+        if rows:
+            out.write(tabulate(rows, headers=fields, tablefmt="simple", disable_numparse=True) + "\n")
+    return count
+
+
+def _table_cell(value: Any) -> str:
+    text = _cell(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def write_object(record: dict, fmt: str, stream: IO[str] | None = None) -> None:
+    """One record: JSON object for json/jsonl, key/value lines for table, a one-row CSV for csv."""
+    out = stream or sys.stdout
+    if fmt in ("json", "jsonl"):
+        indent = 2 if fmt == "json" else None
+        out.write(json.dumps(_json_value(record), ensure_ascii=False, indent=indent) + "\n")
+    elif fmt == "csv":
+        write_records([record], list(record), "csv", out)
+    else:
+        width = max((len(k) for k in record), default=0)
+        for key, value in record.items():
+            if isinstance(value, list) and value and isinstance(value[0], dict):
+                continue  # nested tables are printed by the caller
+            out.write(f"{key.ljust(width)}  {_cell(value)}\n")
