@@ -15,11 +15,15 @@ from omnicrm.filters import ContactFilter, apply_filter, normalise_tag, order_by
 from omnicrm.models import (Contact, ContactEmail, ContactPhone, ContactTag, ExternalLink, Interaction, Note,
                             Tag)
 from omnicrm.normalize import clean_text, is_valid_email, normalise_email, search_text, to_e164
+from omnicrm.score import relationship_score
 
 # Field names of a contact record, in output order; `email`/`phone`/`tags` hold lists (primary first).
 FIELDS = ["id", "display_name", "email", "phone", "company", "title", "tags", "notes",
           "created_at", "updated_at", "last_interaction_at"]
 TABLE_FIELDS = ["id", "display_name", "email", "phone", "company", "tags"]
+# Computed at read time, shown only when asked for (`--fields …,score`).
+COMPUTED_FIELDS = ["score"]
+ALL_FIELDS = FIELDS + COMPUTED_FIELDS
 EDITABLE = ("display_name", "company", "title")
 PAGE_SIZE_MAX = 200
 PAGE_MAX = 100_000
@@ -31,8 +35,8 @@ def _eager(stmt):
                         selectinload(Contact.tags), selectinload(Contact.notes))
 
 
-def record(contact: Contact) -> dict:
-    """A contact as a flat dict with the stable field names of FIELDS."""
+def record(contact: Contact, now: datetime | None = None) -> dict:
+    """A contact as a flat dict with the stable field names of ALL_FIELDS (score as of `now`)."""
     return {
         "id": contact.id,
         "display_name": contact.display_name,
@@ -45,10 +49,11 @@ def record(contact: Contact) -> dict:
         "created_at": contact.created_at,
         "updated_at": contact.updated_at,
         "last_interaction_at": contact.last_interaction_at,
+        "score": relationship_score(contact, now or clock_now()),
     }
 
 
-def check_fields(fields: str | None, default: Sequence[str], known: Sequence[str] = FIELDS) -> list[str]:
+def check_fields(fields: str | None, default: Sequence[str], known: Sequence[str] = ALL_FIELDS) -> list[str]:
     if not fields:
         return list(default)
     chosen = [f.strip() for f in fields.split(",") if f.strip()]
@@ -262,11 +267,22 @@ def record_interaction(session: Session, user_id: int, contact_id: int, *, kind:
 
 
 def refresh_last_interaction(session: Session, contact_ids: Iterable[int]) -> None:
-    """Recompute contacts.last_interaction_at from their interactions."""
-    for contact_id in set(contact_ids):
-        latest = select(func.max(Interaction.occurred_at)).where(
-            Interaction.contact_id == contact_id).scalar_subquery()
-        session.execute(update(Contact).where(Contact.id == contact_id).values(last_interaction_at=latest))
+    """Recompute last_interaction_at and the score counters (omnicrm/score.py) from the interactions.
+
+    Every path that adds, moves or removes interactions calls this for the contacts it touched.
+    """
+    def of_contact(*extra):
+        return (select(func.count()).select_from(Interaction)
+                .where(Interaction.contact_id == Contact.id, *extra).correlate(Contact).scalar_subquery())
+
+    ids = sorted(set(contact_ids))
+    for start in range(0, len(ids), 500):
+        latest = (select(func.max(Interaction.occurred_at)).where(Interaction.contact_id == Contact.id)
+                  .correlate(Contact).scalar_subquery())
+        session.execute(update(Contact).where(Contact.id.in_(ids[start:start + 500])).values(
+            last_interaction_at=latest, interaction_count=of_contact(),
+            inbound_count=of_contact(Interaction.direction == "in"),
+            outbound_count=of_contact(Interaction.direction == "out")))
 
 
 def timeline(session: Session, contact: Contact, limit: int | None = None) -> list[dict]:
@@ -308,7 +324,7 @@ def list_contacts(session: Session, user_id: int, flt: ContactFilter, *, sort: s
                   now: datetime | None = None) -> Page:
     check_paging(page, page_size)
     now = now or clock_now()
-    ordering = order_by(sort, order)
+    ordering = order_by(sort, order, now)
     ids = apply_filter(select(Contact.id), user_id, flt.validate(), now)
     total = session.scalar(select(func.count()).select_from(ids.subquery()))
     stmt = _eager(apply_filter(select(Contact), user_id, flt, now)).order_by(*ordering)
@@ -320,7 +336,7 @@ def iter_contacts(session: Session, user_id: int, flt: ContactFilter, *, sort: s
                   order: str = "asc", now: datetime | None = None, batch: int = 1000) -> Iterator[Contact]:
     """Every match, streamed in id batches (constant memory)."""
     now = now or clock_now()
-    ordering = order_by(sort, order)
+    ordering = order_by(sort, order, now)
     ids = session.scalars(apply_filter(select(Contact.id), user_id, flt.validate(), now).order_by(*ordering))
     chunk: list[int] = []
     for contact_id in ids:

@@ -10,6 +10,7 @@ from sqlalchemy import Select, func, or_, select
 from omnicrm.errors import InvalidInput
 from omnicrm.models import Contact, ContactTag, Tag
 from omnicrm.normalize import digits, fold, looks_like_phone
+from omnicrm.score import score_expression
 
 PERIODS = ("today", "week", "month", "quarter", "year")
 SEARCH_MAX = 200
@@ -124,15 +125,20 @@ SORTS = {
     "updated": Contact.updated_at,
     "last-contact": Contact.last_interaction_at,
 }
+# Sorts computed at a moment in time: the relationship score decays with silence (omnicrm/score.py).
+TIMED_SORTS = {"score": score_expression}
 
 
-def order_by(sort: str, order: str):
+def order_by(sort: str, order: str, now: datetime | None = None):
     """Stable ordering: the sort column, then id in the same direction; empty values last."""
-    if sort not in SORTS:
-        raise InvalidInput(f"--sort: {sort!r} is not one of {', '.join(SORTS)}")
+    if sort not in SORTS and sort not in TIMED_SORTS:
+        raise InvalidInput(f"--sort: {sort!r} is not one of {', '.join([*SORTS, *TIMED_SORTS])}")
     if order not in ("asc", "desc"):
         raise InvalidInput(f"--order: {order!r} is not asc or desc")
-    column = SORTS[sort]
+    if sort in TIMED_SORTS:
+        column = TIMED_SORTS[sort](now or datetime.now(timezone.utc))
+    else:
+        column = SORTS[sort]
     if order == "desc":
         return (column.desc().nulls_last(), Contact.id.desc())
     return (column.asc().nulls_last(), Contact.id.asc())

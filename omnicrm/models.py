@@ -71,6 +71,11 @@ class Contact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_interaction_at: Mapped[datetime | None]
+    # Interaction counters behind the relationship score (omnicrm/score.py); kept by
+    # contacts.refresh_last_interaction together with last_interaction_at.
+    interaction_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    inbound_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    outbound_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Folded name/company/emails/phone digits; every write path refreshes it (normalize.search_text).
     search_text: Mapped[str] = mapped_column(Text, default="")
     # Fields the user set by hand ("display_name,company,title"); sync never overwrites them.

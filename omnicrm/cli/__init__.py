@@ -96,10 +96,15 @@ def root(
 
 
 from omnicrm.cli import contacts, system, tags  # noqa: E402  (sub-apps register on `app`)
+from omnicrm.cli import google as google_cli  # noqa: E402
+from omnicrm.cli import insights, relationships  # noqa: E402
 
 app.add_typer(contacts.app, name="contacts")
 app.add_typer(tags.app, name="tags")
+app.add_typer(google_cli.app, name="google")
+app.add_typer(insights.app, name="insights")
 system.register(app)
+relationships.register(app, contacts.app)
 
 
 def main() -> None:

@@ -143,7 +143,7 @@ def delete(
 def list_(
     ctx: typer.Context,
     search: SearchOpt = None, created: CreatedOpt = None, tag: TagOpt = None, stale: StaleOpt = None,
-    sort: Annotated[str, typer.Option("--sort", help="name, created, updated or last-contact.")] = "created",
+    sort: Annotated[str, typer.Option("--sort", help="name, created, updated, last-contact or score.")] = "created",
     order: Annotated[str, typer.Option("--order", help="asc or desc.")] = "desc",
     page: Annotated[int, typer.Option("--page", help="Page number (1-100000).")] = 1,
     page_size: Annotated[int, typer.Option("--page-size", help="Contacts per page (1-200).")] = 50,
