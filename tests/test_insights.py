@@ -31,7 +31,8 @@ def history(session, contact, *, every_days, last_days_ago, times, now=NOW):
 
 
 @pytest.fixture
-def uid(session):
+def uid(session, monkeypatch):
+    monkeypatch.setenv("OMNICRM_NOW", NOW.isoformat())  # notes are dated by the clock
     value = get_user_id(session, "alice")
     session.commit()
     return value
