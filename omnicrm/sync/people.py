@@ -1,0 +1,183 @@
+"""Google Contacts (People API): connections, and "other contacts" when that scope was granted.
+
+Each person upserts one contact linked by its `resourceName` (names, emails, phones, organisation,
+labels -> tags); `metadata.deleted` unlinks. Lists are read with requestSyncToken and later with the
+syncToken; a 400 EXPIRED_SYNC_TOKEN falls back to a full listing of that list. The cursor holds both
+tokens as JSON: {"connections": TOKEN, "other": TOKEN}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from omnicrm.google import clients
+from omnicrm.sync.upsert import SyncRun, page_size
+
+log = logging.getLogger("omnicrm.sync.people")
+
+PERSON_FIELDS = "names,emailAddresses,phoneNumbers,organizations,memberships,metadata"
+OTHER_FIELDS = "emailAddresses,names,phoneNumbers,metadata"
+OTHER_SCOPE = "https://www.googleapis.com/auth/contacts.other.readonly"
+LIST_PAGE = 1000
+LISTS = ("connections", "other")
+LINK_SOURCE = {"connections": "google_contacts", "other": "google_other_contacts"}
+IGNORED_GROUPS = {"myContacts", "all", "chatBuddies", "blocked"}
+EXPIRED = {"EXPIRED_SYNC_TOKEN", "fullSyncRequired"}
+
+
+def sync_contacts(run: SyncRun) -> None:
+    service = clients.build_service("people", "v1", run.credentials, run.settings)
+    state = run.load_state()
+    try:
+        tokens = json.loads(state.cursor) if state.cursor else {}
+    except ValueError:
+        tokens = {}
+    progress = dict(state.progress or {})
+    progress.setdefault("done", {})
+    groups = _Groups(run, service)
+    for name in LISTS:
+        if name in progress["done"]:
+            continue
+        if name == "other" and not _other_granted(run.credentials):
+            progress["done"][name] = None
+            continue
+        if progress.get("list") != name:
+            token = None if run.full else tokens.get(name)
+            progress.update({"list": name, "mode": "incremental" if token else "full", "sync_token": token,
+                             "page_token": None, "seen": []})
+        try:
+            new_token = _follow(run, service, name, progress, groups)
+        except clients.GoogleApiError as exc:
+            if exc.status == 403 and name == "other":
+                log.info("people: other contacts not granted (%s)", exc.reason)
+                new_token = None
+            elif exc.reason in EXPIRED or exc.status == 410:
+                log.info("people: %s sync token expired, listing everything", name)
+                progress.update({"mode": "full", "sync_token": None, "page_token": None, "seen": []})
+                new_token = _follow(run, service, name, progress, groups)
+            else:
+                raise
+        progress["done"][name] = new_token
+        progress["list"] = None
+        if name != LISTS[-1]:
+            run.save_progress(progress)
+    run.finish(json.dumps(progress["done"], sort_keys=True))
+
+
+def _other_granted(credentials) -> bool:
+    scopes = getattr(credentials, "granted_scopes", None) or getattr(credentials, "scopes", None)
+    return not scopes or OTHER_SCOPE in scopes  # unknown scopes: ask, and take a 403 as "not granted"
+
+
+def _follow(run: SyncRun, service, name: str, progress: dict, groups: "_Groups") -> str | None:
+    run.stats.mode = progress["mode"] if run.stats.mode in ("", progress["mode"]) else "mixed"
+    while True:
+        params = {"pageSize": page_size(LIST_PAGE), "requestSyncToken": True}
+        if progress.get("sync_token"):
+            params["syncToken"] = progress["sync_token"]
+        if progress.get("page_token"):
+            params["pageToken"] = progress["page_token"]
+        if name == "connections":
+            request = service.people().connections().list(resourceName="people/me", personFields=PERSON_FIELDS,
+                                                          **params)
+        else:
+            request = service.otherContacts().list(readMask=OTHER_FIELDS, **params)
+        page = clients.execute(request, f"people {name}.list")
+        people = page.get("connections" if name == "connections" else "otherContacts") or []
+        for person in people:
+            _store(run, name, person, groups)
+            if progress["mode"] == "full" and person.get("resourceName"):
+                progress["seen"].append(person["resourceName"])
+        progress["page_token"] = page.get("nextPageToken")
+        if not progress["page_token"]:
+            if progress["mode"] == "full":
+                _sweep(run, name, set(progress["seen"]))
+            progress["seen"] = []
+            return page.get("nextSyncToken")
+        run.save_progress(progress)
+
+
+def _sweep(run: SyncRun, name: str, seen: set[str]) -> None:
+    """After a full listing: people gone from Google (deleted while the token was expired) are unlinked."""
+    from sqlalchemy import select
+
+    from omnicrm.models import ExternalLink
+
+    source = LINK_SOURCE[name]
+    linked = set(run.session.scalars(select(ExternalLink.external_id).where(
+        ExternalLink.user_id == run.user_id, ExternalLink.source == source)))
+    for resource_name in sorted(linked - seen):
+        run.upsert.unlink(source, resource_name)
+
+
+def _first(items: list[dict] | None, key: str) -> str | None:
+    for item in items or []:
+        if (item.get("metadata") or {}).get("primary") and item.get(key):
+            return str(item[key]).strip() or None
+    for item in items or []:
+        if item.get(key):
+            return str(item[key]).strip() or None
+    return None
+
+
+def _store(run: SyncRun, name: str, person: dict, groups: "_Groups") -> None:
+    run.stats.items += 1
+    resource_name = person.get("resourceName")
+    if not resource_name:
+        return
+    source = LINK_SOURCE[name]
+    if (person.get("metadata") or {}).get("deleted"):
+        run.upsert.unlink(source, resource_name)
+        return
+    names = person.get("names") or []
+    display = _first(names, "displayName") or _first(names, "unstructuredName")
+    organisations = person.get("organizations") or []
+    tags = groups.tags(person.get("memberships") or [])
+    run.upsert.upsert_person(
+        source, resource_name, name=display,
+        emails=[e.get("value", "") for e in person.get("emailAddresses") or [] if e.get("value")],
+        phones=[p.get("value", "") for p in person.get("phoneNumbers") or [] if p.get("value")],
+        company=_first(organisations, "name"), title=_first(organisations, "title"), tags=tags,
+        etag=person.get("etag"), create=name == "connections" or run.mode == "all")
+
+
+class _Groups:
+    """Contact group (label) names, fetched once per run and only when a person carries a label."""
+
+    def __init__(self, run: SyncRun, service) -> None:
+        self.run, self.service = run, service
+        self.names: dict[str, str] | None = None
+
+    def tags(self, memberships: list[dict]) -> list[str]:
+        out = []
+        for membership in memberships:
+            group = (membership.get("contactGroupMembership") or {}).get("contactGroupResourceName")
+            if not group:
+                continue
+            group_id = group.rsplit("/", 1)[-1]
+            if group_id in IGNORED_GROUPS:
+                continue
+            if self.names is None:
+                self._load()
+            label = self.names.get(group) or (group_id if group_id in ("starred", "friends", "family",
+                                                                         "coworkers") else None)
+            if label:
+                out.append(label)
+        return out
+
+    def _load(self) -> None:
+        self.names = {}
+        token = None
+        while True:
+            params = {"pageSize": 1000}
+            if token:
+                params["pageToken"] = token
+            page = clients.execute(self.service.contactGroups().list(**params), "people contactGroups.list")
+            for group in page.get("contactGroups") or []:
+                label = group.get("formattedName") or group.get("name")
+                if group.get("resourceName") and label:
+                    self.names[group["resourceName"]] = label
+            token = page.get("nextPageToken")
+            if not token:
+                return
