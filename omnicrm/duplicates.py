@@ -50,10 +50,6 @@ def phone_key(raw: str, e164: str | None) -> str | None:
     return value if len(value) >= MIN_PHONE_DIGITS else None
 
 
-def _deletions(key: str) -> set[str]:
-    return {key[:i] + key[i + 1:] for i in range(len(key))}
-
-
 @dataclass
 class DuplicateGroup:
     ids: list[int]
@@ -138,25 +134,12 @@ def find_duplicates(session: Session, user_id: int) -> list[DuplicateGroup]:
                 if compatible(a, b):
                     groups.join((a, b), f"same name ({contacts[a][0]} / {contacts[b][0]})"
                                 if contacts[a][0] != contacts[b][0] else f"same name ({contacts[a][0]})")
-    # One letter apart: two keys within edit distance 1 share a one-deletion variant, or one is a
-    # deletion of the other (a symmetric-delete index; no all-pairs comparison).
-    variants: dict[str, set[str]] = {}
-    for key in by_key:
-        if len(key.replace(" ", "")) >= MIN_FUZZY_NAME:
-            for variant in _deletions(key) | {key}:
-                variants.setdefault(variant, set()).add(key)
-    seen: set[tuple[str, str]] = set()
-    for similar in variants.values():
-        for a in similar:
-            for b in similar:
-                if a < b and (a, b) not in seen and _one_edit_apart(a, b):
-                    seen.add((a, b))
-                    for x in by_key[a]:
-                        for y in by_key[b]:
-                            if compatible(x, y):
-                                first, second = sorted((x, y))
-                                groups.join((x, y), "near-identical names "
-                                            f"({contacts[first][0]} / {contacts[second][0]})")
+    for a, b in one_edit_pairs([k for k in by_key if len(k.replace(" ", "")) >= MIN_FUZZY_NAME]):
+        for x in by_key[a]:
+            for y in by_key[b]:
+                if compatible(x, y):
+                    first, second = sorted((x, y))
+                    groups.join((x, y), f"near-identical names ({contacts[first][0]} / {contacts[second][0]})")
 
     members: dict[int, list[int]] = {}
     for cid in groups.parent:
@@ -175,14 +158,46 @@ def find_duplicates(session: Session, user_id: int) -> list[DuplicateGroup]:
     return result
 
 
+def one_edit_pairs(keys: Iterable[str]) -> set[tuple[str, str]]:
+    """Pairs (a < b) of distinct keys exactly one edit apart, without comparing all pairs.
+
+    Pigeonhole blocking: if `a` (length m) and `b` (length m or m+1) are one edit apart, the edit
+    leaves intact either a's first m//2 characters (a prefix of b too) or a's last m - m//2
+    (a suffix of b too). Each key is filed under its halves as the shorter string (m = len) and
+    as the longer one (m = len - 1); only keys sharing a block are compared.
+    """
+    blocks: dict[tuple[str, int, str], list[str]] = {}
+    for key in keys:
+        for m in {len(key), len(key) - 1}:
+            if m < 1:
+                continue
+            half = m // 2
+            blocks.setdefault(("p", m, key[:half]), []).append(key)
+            blocks.setdefault(("s", m, key[len(key) - (m - half):]), []).append(key)
+    pairs: set[tuple[str, str]] = set()
+    for block in blocks.values():
+        if len(block) < 2:
+            continue
+        for i, a in enumerate(block):
+            size = len(a)
+            for b in block[i + 1:]:
+                if -1 <= len(b) - size <= 1 and _one_edit_apart(a, b):
+                    pairs.add((a, b) if a < b else (b, a))
+    return pairs
+
+
 def _one_edit_apart(a: str, b: str) -> bool:
-    """Levenshtein distance exactly 1."""
-    if abs(len(a) - len(b)) > 1 or a == b:
+    """Levenshtein distance exactly 1 (one substitution, insertion or deletion)."""
+    if len(a) > len(b):
+        a, b = b, a
+    if len(b) - len(a) > 1 or a == b:
         return False
+    i = 0
+    while i < len(a) and a[i] == b[i]:
+        i += 1
     if len(a) == len(b):
-        return sum(x != y for x, y in zip(a, b)) == 1
-    short, long_ = (a, b) if len(a) < len(b) else (b, a)
-    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+        return a[i + 1:] == b[i + 1:]
+    return a[i:] == b[i + 1:]
 
 
 # --- merge ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from statistics import median
 from typing import Iterator
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from omnicrm.models import Contact, ContactEmail, Interaction
@@ -32,7 +32,7 @@ MIN_SILENCE_DAYS = 7
 
 FOLLOW_UP_FIELDS = ["id", "display_name", "email", "usual_every_days", "days_since", "last_interaction_at",
                     "overdue_ratio", "score", "reason"]
-FOLLOW_UP_TABLE_FIELDS = ["id", "display_name", "email", "score", "reason"]
+FOLLOW_UP_TABLE_FIELDS = ["id", "display_name", "score", "reason"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,12 @@ def follow_ups(session: Session, user_id: int, now: datetime, limit: int | None 
 
         raise InvalidInput("--limit: must be at least 1")
     cutoff = now - timedelta(days=MIN_SILENCE_DAYS)
+    # Counted from the interactions themselves (not the stored counters) so a bulk writer that only
+    # keeps last_interaction_at current still gets its contacts considered.
+    enough_history = (select(Interaction.contact_id).where(Interaction.user_id == user_id)
+                      .group_by(Interaction.contact_id).having(func.count() >= MIN_GAPS + 1))
     candidates = (select(Contact).where(Contact.user_id == user_id, Contact.last_interaction_at < cutoff,
-                                        Contact.interaction_count >= MIN_GAPS + 1))
+                                        Contact.id.in_(enough_history)))
     found: list[FollowUp] = []
     by_id = {c.id: c for c in session.scalars(candidates)}
     for contact_id, moments in _interaction_times(session, user_id, list(by_id)):

@@ -103,6 +103,13 @@ def test_score_field_and_sort(cli, populated):
     stale = cli("contacts", "list", "--stale", "20", "--sort", "last-contact", "--format", "json", env=ENV)
     assert ids(stale.stdout) == [populated[n] for n in ("Weekly Wendy", "Fortnight Fred", "Quiet Quinn",
                                                           "Rita Recent")]
+    doomed = cli("contacts", "delete", "--stale", "40", "--dry-run", "--format", "json", env=ENV)
+    assert sorted(ids(doomed.stdout)) == sorted(populated[n] for n in ("Fortnight Fred", "Quiet Quinn",
+                                                                       "Rita Recent"))
+    gone = cli("contacts", "delete", "--stale", "40", "--yes", env=ENV)
+    assert gone.exit_code == 0 and "deleted 3" in gone.stderr
+    left = cli("contacts", "list", "--format", "json", env=ENV)
+    assert sorted(ids(left.stdout)) == sorted([populated["Weekly Wendy"], populated["Recent Rita"]])
     bad = cli("contacts", "list", "--sort", "popularity")
     assert bad.exit_code == 2 and "score" in bad.stderr
 

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from omnicrm import contacts as svc
 from omnicrm.db import user_id as get_user_id
-from omnicrm.duplicates import count_rows, find_duplicates, merge_contacts, name_key, preview_merge
+from omnicrm.duplicates import count_rows, find_duplicates, merge_contacts, name_key, one_edit_pairs, preview_merge
 from omnicrm.errors import InvalidInput, NotFound
 from omnicrm.models import Contact, ExternalLink
 
@@ -36,6 +36,25 @@ def test_name_key_folds_punctuation_and_order():
     assert name_key("Smith, John") == name_key("john  SMITH") == "john smith"
     assert name_key("Zoë O'Neil") == name_key("o neil zoe")
     assert name_key(None) == ""
+
+
+def test_one_edit_pairs_finds_exactly_the_brute_force_pairs():
+    import itertools
+    import random
+
+    def distance_one(a, b):
+        if a == b or abs(len(a) - len(b)) > 1:
+            return False
+        if len(a) == len(b):
+            return sum(x != y for x, y in zip(a, b)) == 1
+        short, long_ = sorted((a, b), key=len)
+        return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
+
+    rng = random.Random(7)
+    for _ in range(20):
+        keys = {"".join(rng.choices("ab ", k=rng.randint(1, 7))) for _ in range(60)}
+        expected = {tuple(sorted(p)) for p in itertools.combinations(keys, 2) if distance_one(*p)}
+        assert one_edit_pairs(keys) == expected
 
 
 def test_duplicate_detection_cases(session, uid):

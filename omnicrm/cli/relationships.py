@@ -151,7 +151,7 @@ def render_status(data: dict) -> list[str]:
     count = data["follow_ups"]
     lines.append(label("Follow-ups") + (f"{count} due: `omnicrm insights follow-ups`" if count
                                         else "nobody is due"))
-    return lines
+    return [line.rstrip() for line in lines]
 
 
 def register(root: typer.Typer, contacts_app: typer.Typer) -> None:
