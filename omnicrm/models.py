@@ -234,6 +234,9 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
+    # When the id was last handed to Huey (or, for a delayed delivery, when it becomes due);
+    # the reaper re-delivers queued jobs whose delivery is older than a lease.
+    delivered_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict | None] = mapped_column(JSON)
     idempotency_key: Mapped[str | None] = mapped_column(String(400))

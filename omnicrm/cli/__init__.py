@@ -104,6 +104,9 @@ app.add_typer(tags.app, name="tags")
 app.add_typer(google_cli.app, name="google")
 app.add_typer(insights.app, name="insights")
 system.register(app)
+from omnicrm.cli import jobs as jobs_cli  # noqa: E402
+
+jobs_cli.register(app)  # `jobs …` and `worker`
 relationships.register(app, contacts.app)
 
 
