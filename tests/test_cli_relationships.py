@@ -6,9 +6,11 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from sqlalchemy import select
 
 from omnicrm import contacts as svc
 from omnicrm.db import session_scope, user_id as get_user_id
+from omnicrm.models import Contact
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 ENV = {"OMNICRM_NOW": NOW.isoformat()}
@@ -169,3 +171,17 @@ def test_status_in_a_real_process(omnicrm_cmd):
     result = omnicrm_cmd("status", "--format", "json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["contacts"]["total"] == 0
+
+
+def test_imported_notes_count_towards_the_score(cli, settings):
+    assert cli("contacts", "add", "--name", "Ada", "--email", "ada@example.com", "--note", "first").exit_code == 0
+    data = "display_name,email,notes\nAda,ada@example.com,second note\nBob,bob@example.com,hello\nCy,cy@example.com,\n"
+    result = cli("contacts", "import", "-", input=data)
+    assert result.exit_code == 0, result.output
+    with session_scope(settings) as session:
+        counts = dict(session.execute(select(Contact.display_name, Contact.interaction_count)).all())
+        assert counts == {"Ada": 2, "Bob": 1, "Cy": 0}
+        assert session.scalar(select(Contact.last_interaction_at).where(Contact.display_name == "Cy")) is None
+    rows = json.loads(cli("contacts", "list", "--sort", "score", "--fields", "display_name,score",
+                          "--format", "json").stdout)
+    assert [r["display_name"] for r in rows] == ["Ada", "Bob", "Cy"] and rows[-1]["score"] == 0
