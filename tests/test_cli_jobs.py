@@ -1,0 +1,104 @@
+"""`omnicrm jobs …` and `omnicrm worker` through the CLI (in-process runner), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _jobs_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("OMNICRM_EXTRA_HANDLERS", "tests.fakes.job_handlers")
+    monkeypatch.setenv("OMNICRM_TEST_JOB_LOG", str(tmp_path / "events.log"))
+    monkeypatch.setenv("OMNICRM_JOB_BACKOFF_SECONDS", "0")
+    monkeypatch.setenv("OMNICRM_QUEUE_NAME", "t_cli_jobs")
+    yield
+    from omnicrm.queue import forget_queues
+
+    forget_queues()
+
+
+def submit(kind, payload=None, user="default", **kw) -> int:
+    from omnicrm import jobs
+    from omnicrm.config import load_settings
+
+    return jobs.submit(load_settings(), user, kind, payload or {}, **kw).id
+
+
+def listed(cli, *args) -> list[dict]:
+    result = cli("jobs", "list", *args, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_worker_once_runs_everything_and_jobs_list_shows_it(cli):
+    ok = [submit("noop"), submit("sleep", {"seconds": 0.05})]
+    result = cli("worker", "--once", "--workers", "2")
+    assert result.exit_code == 0, result.stderr
+    rows = listed(cli)
+    assert [r["id"] for r in rows] == sorted(ok, reverse=True)
+    assert {r["status"] for r in rows} == {"done"}
+    for field in ("id", "kind", "status", "attempts", "last_error", "created_at", "finished_at"):
+        assert field in rows[0]
+    assert [r["kind"] for r in listed(cli, "--kind", "noop")] == ["noop"]
+
+
+def test_worker_once_exits_1_when_a_job_fails_and_shows_the_error(cli):
+    bad = submit("test:fail", max_attempts=2)
+    assert cli("worker", "--once").exit_code == 1
+    shown = cli("jobs", "show", str(bad), "--format", "json")
+    job = json.loads(shown.stdout)
+    assert (job["status"], job["attempts"], job["last_error"]) == ("dead", 2, "RuntimeError: boom")
+    assert [r["id"] for r in listed(cli, "--status", "dead")] == [bad]
+    assert cli("jobs", "retry", str(bad)).exit_code == 0
+    assert json.loads(cli("jobs", "show", str(bad), "--format", "json").stdout)["status"] == "queued"
+
+
+def test_cancel_then_worker_skips_it(cli):
+    job_id = submit("test:record")
+    assert cli("jobs", "cancel", str(job_id)).exit_code == 0
+    again = cli("jobs", "cancel", str(job_id))
+    assert again.exit_code == 2 and "only queued or running" in again.stderr
+    assert cli("worker", "--once").exit_code == 0
+    assert listed(cli)[0]["status"] == "cancelled"
+
+
+def test_errors_map_to_exit_codes(cli):
+    assert cli("jobs", "show", "999").exit_code == 1
+    other = submit("noop", user="bob")
+    hidden = cli("jobs", "show", str(other))
+    assert hidden.exit_code == 1 and "not found" in hidden.stderr
+    bad_status = cli("jobs", "list", "--status", "sleeping")
+    assert bad_status.exit_code == 2 and "--status" in bad_status.stderr
+    assert cli("worker", "--workers", "0").exit_code == 2
+    assert cli("worker", "--kind", "greenlet").exit_code == 2
+    bad_cron = cli("worker", "--schedule", "61 * * * *")
+    assert bad_cron.exit_code == 2 and "--schedule" in bad_cron.stderr
+    assert cli("worker", "--schedule", "not cron").exit_code == 2
+
+
+def test_reap_and_purge(cli):
+    submit("noop")
+    reaped = cli("jobs", "reap", "--format", "json")
+    assert reaped.exit_code == 0
+    assert json.loads(reaped.stdout) == {"requeued": 0, "dead": 0, "redelivered": 0}
+    assert cli("worker", "--once").exit_code == 0
+    purged = cli("jobs", "purge", "--older-than", "0")
+    assert purged.exit_code == 0 and "1 job(s) purged" in purged.stderr
+    assert listed(cli) == []
+    assert cli("jobs", "purge", "--older-than", "-1").exit_code == 2
+
+
+def test_every_jobs_command_has_help(cli):
+    for args in (["jobs", "list"], ["jobs", "show"], ["jobs", "retry"], ["jobs", "cancel"], ["jobs", "reap"],
+                 ["jobs", "purge"], ["worker"]):
+        result = cli(*args, "--help")
+        assert result.exit_code == 0
+        assert len(result.stdout.split("Options")[0].strip().splitlines()) >= 2, args
