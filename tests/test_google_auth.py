@@ -178,6 +178,18 @@ def test_flow_rejects_wrong_client_secret_without_leaking_it(oauth, tmp_path):
     assert err.value.__cause__ is None and err.value.__suppress_context__
 
 
+def test_busy_port_is_an_input_error(oauth, tmp_path):
+    import socket
+
+    client = auth.load_client_secrets(oauth.write_client_secrets(tmp_path / "c.json"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(InvalidInput, match=f"--port {port}: cannot listen"):
+            auth.run_flow(client, mode="no-browser", port=port, timeout=5, notify=lambda m: None)
+
+
 def test_paste_mode_checks_the_pasted_address(oauth, tmp_path):
     import io
 

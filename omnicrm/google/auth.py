@@ -284,7 +284,7 @@ def run_flow(client: ClientConfig, *, mode: str = "browser", port: int = 0,
                 notify("Open this URL in a browser to authorize OmniCRM:")
             notify(f"  {auth_url}")
             if not opened:
-                notify(f"If the browser runs on another machine, forward the port first there: "
+                notify(f"If your browser runs on another machine, first run this there, then open the URL: "
                        f"ssh -L {port}:{REDIRECT_HOST}:{port} USER@THIS-HOST")
             notify(f"Waiting up to {timeout:g} s for the redirect to {redirect_uri} …")
             response_url = f"http://{REDIRECT_HOST}:{port}" + server.wait(deadline, timeout)
@@ -295,8 +295,13 @@ def run_flow(client: ClientConfig, *, mode: str = "browser", port: int = 0,
 
 
 def _open_browser(url: str) -> bool:
+    import sys
     import webbrowser
 
+    env = os.environ
+    if sys.platform.startswith("linux") and not (env.get("DISPLAY") or env.get("WAYLAND_DISPLAY")
+                                                 or env.get("BROWSER")):
+        return False  # an SSH session: no graphical browser (and no console browser taking the terminal)
     try:
         return bool(webbrowser.open(url, new=1, autoraise=True))
     except webbrowser.Error:
