@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from datetime import date, datetime
 from typing import IO, Any, Iterable
@@ -16,23 +17,39 @@ def neutralise(value: str) -> str:
 
     Valid phone numbers (+14155550101) and plain negative numbers are data, not formulas.
     """
-    if not value or not value.startswith(FORMULA_START) or _is_plain_data(value):
+    if not value or value[0] not in _GUARDED_FIRST or not _is_formula(value.lstrip("'")):
         return value
-    return "'" + value
+    return "'" + value  # a cell already starting with ' gets one more, so unneutralise is exact
 
 
 def unneutralise(value: str) -> str:
     """Reverse `neutralise` on import."""
-    if value.startswith("'") and value[1:].startswith(FORMULA_START) and not _is_plain_data(value[1:]):
+    if value.startswith("'") and _is_formula(value.lstrip("'")):
         return value[1:]
     return value
 
 
+_GUARDED_FIRST = frozenset("=+-@\t\r'")
+_PLAIN_EMAIL = re.compile(r"^[+\-][A-Za-z0-9._%+\-]*@[A-Za-z0-9.\-]+$")
+
+
+_PLAIN_NUMBERS = re.compile(r"^[+\-]\d[\d ().\-]*(?:;[+\-]?\d[\d ().\-]*)*$")
+
+
+def _is_formula(value: str) -> bool:
+    if _PLAIN_NUMBERS.match(value):
+        return False  # phone numbers (one or a `;` list) and negative numbers: the common case, fast
+    return bool(value) and value.startswith(FORMULA_START) and not all(
+        _is_plain_data(part) for part in value.split(";"))
+
+
 def _is_plain_data(value: str) -> bool:
+    if not value or value[0] not in "+-=@\t\r":
+        return True  # a later `;` part of a list: only the cell's first character matters
     body = value[1:]
     if value[0] in "+-" and body and all(c.isdigit() or c in " ()-." for c in body) and body[0].isdigit():
         return True  # +14155550101, +1 (415) 555-0101, -42
-    return False
+    return bool(_PLAIN_EMAIL.match(value))  # -ann@example.com, +news@example.com
 
 
 def _scalar(value: Any) -> Any:
@@ -89,6 +106,22 @@ def write_records(records: Iterable[dict], fields: list[str], fmt: str, stream: 
         count = len(rows)
         if rows:
             out.write(tabulate(rows, headers=fields, tablefmt="simple", disable_numparse=True) + "\n")
+    return count
+
+
+def write_rows(header: list[str], rows: Iterable[list], stream: IO[str] | None = None) -> int:
+    """CSV of pre-rendered rows (str/int/None cells) with the formula guard: the bulk export path."""
+    out = stream or sys.stdout
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    count = 0
+    guarded = _GUARDED_FIRST
+    for row in rows:
+        for i, cell in enumerate(row):
+            if cell.__class__ is str and cell and cell[0] in guarded:
+                row[i] = neutralise(cell)
+        writer.writerow(row)
+        count += 1
     return count
 
 

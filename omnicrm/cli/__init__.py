@@ -96,6 +96,7 @@ def root(
 
 
 from omnicrm.cli import contacts, system, tags  # noqa: E402  (sub-apps register on `app`)
+from omnicrm.cli import csvcmds  # noqa: E402,F401  (contacts export/import)
 from omnicrm.cli import google as google_cli  # noqa: E402
 from omnicrm.cli import insights, relationships  # noqa: E402
 
