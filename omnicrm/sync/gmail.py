@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import lru_cache
 from datetime import datetime, timezone
 from email.header import decode_header, make_header
 from email.headerregistry import HeaderRegistry
@@ -60,6 +61,11 @@ def clean_name(name: str | None, email: str) -> str | None:
 
 
 def parse_addresses(value: str | None) -> list[tuple[str | None, str]]:
+    return list(_parse_addresses(value or ""))
+
+
+@lru_cache(maxsize=20000)
+def _parse_addresses(value: str) -> tuple[tuple[str | None, str], ...]:
     """(name, normalised email) pairs of an address header; groups contribute their members only
     (`undisclosed-recipients:;` contributes nothing); invalid addresses are dropped."""
     if not value or not value.strip():
@@ -80,7 +86,7 @@ def parse_addresses(value: str | None) -> list[tuple[str | None, str]]:
             continue
         seen.add(email)
         out.append((clean_name(name, email), email))
-    return out
+    return tuple(out)
 
 
 def is_automated_address(email: str) -> bool:
@@ -217,9 +223,10 @@ def _incremental(run: SyncRun, service, progress: dict) -> None:
 
 def _fetch(run: SyncRun, service, ids: list[str]) -> list[dict]:
     messages: list[dict] = []
+    resource = service.users().messages()  # building a Resource is costly: once per page
     for start in range(0, len(ids), BATCH):
         chunk = ids[start:start + BATCH]
-        requests = {mid: service.users().messages().get(userId="me", id=mid, format="metadata",
+        requests = {mid: resource.get(userId="me", id=mid, format="metadata",
                                                          metadataHeaders=HEADERS) for mid in chunk}
         got = clients.run_batch("gmail", run.settings, requests, missing_ok=True, what="gmail messages.get batch")
         messages.extend(got[mid] for mid in chunk if got.get(mid))

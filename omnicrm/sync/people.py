@@ -36,6 +36,7 @@ def sync_contacts(run: SyncRun) -> None:
     progress = dict(state.progress or {})
     progress.setdefault("done", {})
     groups = _Groups(run, service)
+    modes: set[str] = set()
     for name in LISTS:
         if name in progress["done"]:
             continue
@@ -59,9 +60,11 @@ def sync_contacts(run: SyncRun) -> None:
             else:
                 raise
         progress["done"][name] = new_token
+        modes.add(progress["mode"])
         progress["list"] = None
         if name != LISTS[-1]:
             run.save_progress(progress)
+    run.stats.mode = modes.pop() if len(modes) == 1 else "mixed" if modes else "incremental"
     run.finish(json.dumps(progress["done"], sort_keys=True))
 
 
@@ -71,7 +74,6 @@ def _other_granted(credentials) -> bool:
 
 
 def _follow(run: SyncRun, service, name: str, progress: dict, groups: "_Groups") -> str | None:
-    run.stats.mode = progress["mode"] if run.stats.mode in ("", progress["mode"]) else "mixed"
     while True:
         params = {"pageSize": page_size(LIST_PAGE), "requestSyncToken": True}
         if progress.get("sync_token"):
@@ -85,10 +87,9 @@ def _follow(run: SyncRun, service, name: str, progress: dict, groups: "_Groups")
             request = service.otherContacts().list(readMask=OTHER_FIELDS, **params)
         page = clients.execute(request, f"people {name}.list")
         people = page.get("connections" if name == "connections" else "otherContacts") or []
-        for person in people:
-            _store(run, name, person, groups)
-            if progress["mode"] == "full" and person.get("resourceName"):
-                progress["seen"].append(person["resourceName"])
+        _store_page(run, name, people, groups)
+        if progress["mode"] == "full":
+            progress["seen"].extend(p["resourceName"] for p in people if p.get("resourceName"))
         progress["page_token"] = page.get("nextPageToken")
         if not progress["page_token"]:
             if progress["mode"] == "full":
@@ -121,25 +122,27 @@ def _first(items: list[dict] | None, key: str) -> str | None:
     return None
 
 
-def _store(run: SyncRun, name: str, person: dict, groups: "_Groups") -> None:
-    run.stats.items += 1
-    resource_name = person.get("resourceName")
-    if not resource_name:
-        return
+def _store_page(run: SyncRun, name: str, people: list[dict], groups: "_Groups") -> None:
     source = LINK_SOURCE[name]
-    if (person.get("metadata") or {}).get("deleted"):
-        run.upsert.unlink(source, resource_name)
-        return
-    names = person.get("names") or []
-    display = _first(names, "displayName") or _first(names, "unstructuredName")
-    organisations = person.get("organizations") or []
-    tags = groups.tags(person.get("memberships") or [])
-    run.upsert.upsert_person(
-        source, resource_name, name=display,
-        emails=[e.get("value", "") for e in person.get("emailAddresses") or [] if e.get("value")],
-        phones=[p.get("value", "") for p in person.get("phoneNumbers") or [] if p.get("value")],
-        company=_first(organisations, "name"), title=_first(organisations, "title"), tags=tags,
-        etag=person.get("etag"), create=name == "connections" or run.mode == "all")
+    batch = []
+    for person in people:
+        run.stats.items += 1
+        resource_name = person.get("resourceName")
+        if not resource_name:
+            continue
+        if (person.get("metadata") or {}).get("deleted"):
+            run.upsert.unlink(source, resource_name)
+            continue
+        names = person.get("names") or []
+        organisations = person.get("organizations") or []
+        batch.append({
+            "external_id": resource_name, "etag": person.get("etag"),
+            "name": _first(names, "displayName") or _first(names, "unstructuredName"),
+            "emails": [e.get("value", "") for e in person.get("emailAddresses") or [] if e.get("value")],
+            "phones": [p.get("value", "") for p in person.get("phoneNumbers") or [] if p.get("value")],
+            "company": _first(organisations, "name"), "title": _first(organisations, "title"),
+            "tags": groups.tags(person.get("memberships") or [])})
+    run.upsert.upsert_people(source, batch, create=name == "connections" or run.mode == "all")
 
 
 class _Groups:

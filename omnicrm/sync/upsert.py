@@ -145,6 +145,8 @@ class Upserter:
         self.stats = run.stats
         self._ids: dict[str, int] = {}  # email -> contact id (only positive answers are cached)
         self._touched: set[int] = set()
+        self._named: set[int] = set()  # contacts whose name needs no filling
+        self._tags: dict = {}
 
     # --- contacts -------------------------------------------------------------------------------
     def prefetch(self, emails: Iterable[str]) -> None:
@@ -172,9 +174,13 @@ class Upserter:
         return self._create(email, name)
 
     def _fill_name(self, contact_id: int, name: str) -> None:
+        if contact_id in self._named:
+            return
         contact = self.session.get(Contact, contact_id)
         if contact is None or contact.display_name or "display_name" in _manual(contact):
+            self._named.add(contact_id)
             return
+        self._named.add(contact_id)
         contact.display_name = name
         contact.updated_at = clock_now()
         contact_service.refresh_search_text(contact)
@@ -195,6 +201,8 @@ class Upserter:
                 raise
             return found
         self._ids[email] = contact.id
+        if name:
+            self._named.add(contact.id)
         self.stats.contacts_created += 1
         if len(self.stats.sample) < SAMPLE_SIZE:
             self.stats.sample.append({"action": "create", "display_name": name, "email": email,
@@ -205,6 +213,8 @@ class Upserter:
         """Drop cached ids (after a rollback)."""
         self._ids.clear()
         self._touched.clear()
+        self._named.clear()
+        self._tags.clear()
 
     # --- interactions ---------------------------------------------------------------------------
     def add_interactions(self, rows: list[dict]) -> None:
@@ -275,77 +285,123 @@ class Upserter:
             ExternalLink.external_id == external_id))
         self.stats.links_removed += result.rowcount or 0
 
-    def upsert_person(self, link_source: str, external_id: str, *, name: str | None, emails: list[str],
-                      phones: list[str], company: str | None, title: str | None, tags: list[str],
-                      etag: str | None, create: bool = True) -> int | None:
-        """Create or update the contact linked to a Google Contacts person."""
+    def upsert_people(self, link_source: str, people: list[dict], *, create: bool = True) -> None:
+        """Create or update the contacts linked to one page of Google Contacts people.
+
+        Each item: external_id, name, emails, phones, company, title, tags, etag. Reads are batched
+        per page and there is one flush at the end (the slow part used to be a flush per person)."""
+        from sqlalchemy.orm import selectinload
+
         session = self.session
-        emails = list(dict.fromkeys(e for e in (normalise_email(x) for x in emails) if is_valid_email(e)))
-        link = self.link(link_source, external_id)
-        contact = session.get(Contact, link.contact_id) if link else None
-        if contact is None:
-            for email in emails:
-                owner = self.find(email)
-                if owner is not None:
-                    contact = session.get(Contact, owner)
-                    break
-        created = False
-        if contact is None:
-            if not create or not (name or emails):
-                return None
-            contact = Contact(user_id=self.user_id, display_name=name, company=company, title=title,
-                              manual_fields="")
-            session.add(contact)
-            created = True
-        manual = _manual(contact)
-        changed = False
-        if not created:
-            for attr, value in (("display_name", name), ("company", company), ("title", title)):
-                if value and attr not in manual and getattr(contact, attr) != value:
-                    setattr(contact, attr, value)
+        if not people:
+            return
+        for person in people:
+            person["emails"] = list(dict.fromkeys(
+                e for e in (normalise_email(x) for x in person["emails"]) if is_valid_email(e)))
+        ids = [p["external_id"] for p in people]
+        links: dict[str, ExternalLink] = {}
+        for start in range(0, len(ids), CHUNK):
+            for link in session.scalars(select(ExternalLink).where(
+                    ExternalLink.user_id == self.user_id, ExternalLink.source == link_source,
+                    ExternalLink.external_id.in_(ids[start:start + CHUNK]))):
+                links[link.external_id] = link
+        self.prefetch(e for p in people for e in p["emails"])
+        wanted = {l.contact_id for l in links.values()} | {self._ids[e] for p in people for e in p["emails"]
+                                                            if e in self._ids}
+        loaded: dict[int, Contact] = {}
+        wanted_ids = sorted(wanted)
+        for start in range(0, len(wanted_ids), CHUNK):
+            for contact in session.scalars(select(Contact).where(Contact.id.in_(wanted_ids[start:start + CHUNK]))
+                                           .options(selectinload(Contact.emails), selectinload(Contact.phones),
+                                                    selectinload(Contact.tags))):
+                loaded[contact.id] = contact
+        new_by_email: dict[str, Contact] = {}
+        pending_links: list[tuple[Contact, dict, ExternalLink | None]] = []
+        region = self.run.settings.region
+        with session.no_autoflush:
+            for person in people:
+                emails = person["emails"]
+                link = links.get(person["external_id"])
+                contact = loaded.get(link.contact_id) if link else None
+                if contact is None:
+                    for email in emails:
+                        contact = new_by_email.get(email) or loaded.get(self._ids.get(email, -1))
+                        if contact is not None:
+                            break
+                created = False
+                if contact is None:
+                    if not create or not (person["name"] or emails):
+                        continue
+                    contact = Contact(user_id=self.user_id, display_name=person["name"], company=person["company"],
+                                      title=person["title"], manual_fields="")
+                    session.add(contact)
+                    created = True
+                manual = _manual(contact)
+                changed = False
+                if not created:
+                    for attr in ("display_name", "company", "title"):
+                        value = person["name" if attr == "display_name" else attr]
+                        if value and attr not in manual and getattr(contact, attr) != value:
+                            setattr(contact, attr, value)
+                            changed = True
+                for email in emails:
+                    if any(e.email == email for e in contact.emails):
+                        continue
+                    owner = self._ids.get(email)
+                    if (owner is not None and owner != contact.id) or (
+                            email in new_by_email and new_by_email[email] is not contact):
+                        continue  # belongs to another contact: never steal it
+                    position = max((e.position for e in contact.emails), default=-1) + 1
+                    contact.emails.append(ContactEmail(user_id=self.user_id, email=email, position=position))
+                    new_by_email[email] = contact
                     changed = True
-        for email in emails:
-            if any(e.email == email for e in contact.emails):
-                continue
-            owner = self.find(email)
-            if owner is not None and owner != contact.id:
-                continue  # belongs to another contact: never steal it
-            position = max((e.position for e in contact.emails), default=-1) + 1
-            contact.emails.append(ContactEmail(user_id=self.user_id, email=email, position=position))
-            changed = True
-        for raw in phones:
-            try:
-                changed |= contact_service.add_phone(contact, raw, self.run.settings.region)
-            except InvalidInput:
-                continue
-        for tag in tags:
-            try:
-                changed |= contact_service.add_tag(session, contact, tag)
-            except InvalidInput:
-                continue
-        if created or changed:
-            contact.updated_at = clock_now()
-            contact_service.refresh_search_text(contact)
+                for raw in person["phones"]:
+                    try:
+                        changed |= contact_service.add_phone(contact, raw, region)
+                    except InvalidInput:
+                        continue
+                for name in person["tags"]:
+                    tag = self._tag(name)
+                    if tag is not None and tag not in contact.tags:
+                        contact.tags.append(tag)
+                        changed = True
+                if created or changed:
+                    contact.updated_at = clock_now()
+                    contact_service.refresh_search_text(contact)
+                pending_links.append((contact, person, link))
+                if created:
+                    self.stats.contacts_created += 1
+                    if len(self.stats.sample) < SAMPLE_SIZE:
+                        self.stats.sample.append({"action": "create", "display_name": person["name"],
+                                                  "email": emails[0] if emails else None, "source": self.run.source})
+                elif changed:
+                    self.stats.contacts_updated += 1
+                    if len(self.stats.sample) < SAMPLE_SIZE:
+                        self.stats.sample.append({"action": "update", "display_name": contact.display_name,
+                                                  "email": emails[0] if emails else None, "source": self.run.source})
         session.flush()
-        for email in emails:
-            if any(e.email == email for e in contact.emails):
-                self._ids[email] = contact.id
-        if link is None:
-            session.add(ExternalLink(user_id=self.user_id, contact_id=contact.id, source=link_source,
-                                     external_id=external_id, etag=etag))
-        else:
-            link.contact_id, link.etag = contact.id, etag
-        if created:
-            self.stats.contacts_created += 1
-            if len(self.stats.sample) < SAMPLE_SIZE:
-                self.stats.sample.append({"action": "create", "display_name": name,
-                                          "email": emails[0] if emails else None, "source": self.run.source})
-        elif changed:
-            self.stats.contacts_updated += 1
-            if len(self.stats.sample) < SAMPLE_SIZE:
-                self.stats.sample.append({"action": "update", "display_name": contact.display_name,
-                                          "email": emails[0] if emails else None, "source": self.run.source})
-        return contact.id
+        seen_links = {}
+        for contact, person, link in pending_links:
+            for email in contact.emails:
+                self._ids[email.email] = contact.id
+            if link is None:
+                link = seen_links.get(person["external_id"])
+            if link is None:
+                link = ExternalLink(user_id=self.user_id, contact_id=contact.id, source=link_source,
+                                    external_id=person["external_id"], etag=person["etag"])
+                session.add(link)
+                seen_links[person["external_id"]] = link
+            else:
+                link.contact_id, link.etag = contact.id, person["etag"]
+        session.flush()
+
+    def _tag(self, name: str):
+        if name not in self._tags:
+            try:
+                self._tags[name] = contact_service.get_tag(self.session, self.user_id, name)
+            except InvalidInput:
+                self._tags[name] = None
+        return self._tags[name]
 
 
 def _manual(contact: Contact) -> set[str]:

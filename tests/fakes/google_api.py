@@ -506,3 +506,79 @@ class _Handler(BaseHTTPRequestHandler):
 
 def now_ms() -> int:
     return int(datetime.now(timezone.utc).timestamp() * 1000)
+
+
+# --- helpers for tests and benchmarks -------------------------------------------------------------
+
+CORRESPONDENTS = [("Ann Lee", "ann@example.org"), ("Bob Stone", "bob@example.org"), ("Carla Diaz", "carla@example.net"),
+                  ("Dev Patel", "dev@example.net"), ("Eve Moss", "eve@example.com"), ("Finn O'Hara", "finn@example.com")]
+
+
+def populate(fake: FakeGoogleApi, *, messages: int = 0, events: int = 0, people: int = 0, other: int = 0,
+             correspondents: int = 200) -> None:
+    """Deterministic test data: mail with a mix of inbound, sent and automated messages, meetings with
+    attendees, and People connections overlapping the correspondents."""
+    me = fake.email
+    base = 1_600_000_000_000
+    for i in range(messages):
+        who = i % correspondents
+        name, address = f"Person {who}", f"person{who}@example.org"
+        other_who = (i * 7 + 3) % correspondents
+        kind = i % 10
+        if kind < 6:
+            headers = {"From": f'"{name}" <{address}>', "To": f"{me}, person{other_who}@example.org",
+                       "Subject": f"Hello {i}"}
+            labels = ["INBOX"]
+        elif kind < 9:
+            headers = {"From": f"Me <{me}>", "To": f"{name} <{address}>", "Subject": f"Re: Hello {i}"}
+            labels = ["SENT"]
+        else:
+            headers = {"From": "Shop <noreply@shop.example>", "To": me, "Subject": "Sale",
+                       "List-Unsubscribe": "<mailto:u@shop.example>"}
+            labels = ["INBOX"]
+        fake.add_message(headers, labels=labels, date=base + i * 60_000, id=f"m{i:07d}")
+    for i in range(events):
+        who = i % correspondents
+        start = datetime.fromtimestamp(base / 1000 + i * 86400, tz=timezone.utc)
+        fake.put_event({"id": f"ev{i:06d}", "summary": f"Meeting {i}",
+                        "start": {"dateTime": start.isoformat().replace("+00:00", "Z")},
+                        "end": {"dateTime": start.isoformat().replace("+00:00", "Z")},
+                        "organizer": {"email": me, "self": True},
+                        "attendees": [{"email": me, "self": True, "responseStatus": "accepted"},
+                                      {"email": f"person{who}@example.org", "displayName": f"Person {who}",
+                                       "responseStatus": "needsAction"},
+                                      {"email": "room1@resource.calendar.google.com", "resource": True}]})
+    for i in range(people):
+        who = i % (correspondents * 2)
+        fake.put_person({"resourceName": f"people/c{i:06d}",
+                         "names": [{"displayName": f"Person {who} Full", "metadata": {"primary": True}}],
+                         "emailAddresses": [{"value": f"person{who}@example.org"},
+                                            {"value": f"p{i}@work.example"}],
+                         "phoneNumbers": [{"value": f"+1 415 555 {i % 10000:04d}"}],
+                         "organizations": [{"name": f"Org {i % 17}", "title": "Engineer"}],
+                         "memberships": [{"contactGroupMembership": {
+                             "contactGroupResourceName": "contactGroups/myContacts"}}]})
+    for i in range(other):
+        fake.put_person({"resourceName": f"otherContacts/c{i:06d}",
+                         "emailAddresses": [{"value": f"other{i}@example.com"}],
+                         "names": [{"displayName": f"Other {i}"}]}, other=True)
+
+
+def snapshot(session, user_id: int) -> dict:
+    """The user's contacts and interactions, independent of row ids (to compare two runs)."""
+    from sqlalchemy import select
+
+    from omnicrm.models import Contact, ExternalLink, Interaction
+
+    contacts = list(session.scalars(select(Contact).where(Contact.user_id == user_id)))
+    key = {c.id: min((e.email for e in c.emails), default=f"name:{c.display_name}") for c in contacts}
+    links = {(key[l.contact_id], l.source, l.external_id) for l in session.scalars(
+        select(ExternalLink).where(ExternalLink.user_id == user_id))}
+    people = sorted((key[c.id], c.display_name, c.company, c.title, tuple(sorted(e.email for e in c.emails)),
+                     tuple(sorted(p.value for p in c.phones)), tuple(t.name for t in c.tags), c.last_interaction_at,
+                     c.manual_fields) for c in contacts)
+    interactions = sorted(
+        (key[i.contact_id], i.kind, i.direction, i.occurred_at, i.subject, i.source,
+         i.external_id.rsplit(":", 1)[0]) for i in session.scalars(
+            select(Interaction).where(Interaction.user_id == user_id)))
+    return {"contacts": people, "interactions": interactions, "links": sorted(links)}
