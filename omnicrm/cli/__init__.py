@@ -104,6 +104,9 @@ app.add_typer(contacts.app, name="contacts")
 app.add_typer(tags.app, name="tags")
 app.add_typer(google_cli.app, name="google")
 app.add_typer(insights.app, name="insights")
+from omnicrm.cli import sync as sync_cli  # noqa: E402
+
+app.add_typer(sync_cli.app, name="sync")
 system.register(app)
 from omnicrm.cli import jobs as jobs_cli  # noqa: E402
 
