@@ -38,6 +38,9 @@ def register_all() -> None:
 
     jobs.register("noop", noop)
     jobs.register("sleep", sleep)
+    from omnicrm import csvio  # contacts import --background
+
+    jobs.register("import", csvio.import_job)
     from omnicrm.sync import sync_job  # sync:gmail, sync:calendar, sync:contacts
 
     for kind in ("sync:gmail", "sync:calendar", "sync:contacts"):
