@@ -238,14 +238,17 @@ def _open(raw, total, close, encoding, delimiter, source_format, mapping) -> Csv
         encoding = "utf-16"
     else:
         encoding = "utf-8"
-    if b"\x00" in prefix[:8192] and "16" not in encoding and "32" not in encoding:
+    head = prefix[:8192]
+    nul = head.count(b"\x00")
+    if nul and "16" not in encoding and "32" not in encoding and (
+            (nul > 2 and nul * 100 >= len(head)) or b"\x00" in head.split(b"\n", 1)[0]):
         raise InvalidInput("FILE: the input looks binary (it contains NUL bytes), not like CSV text")
     decoder = codecs.getincrementaldecoder(encoding)("strict")
     try:
         sample = decoder.decode(prefix, final=at_eof)
     except UnicodeDecodeError as exc:
         raise _encoding_hint(exc, "the input") from None
-    if "\x00" in sample[:8192]:
+    if "\x00" in sample[:8192] and "16" in encoding:
         raise InvalidInput("FILE: the input looks binary (it contains NUL characters), not like CSV text")
     if not at_eof:  # the last sampled line may be cut
         sample = sample[: max(sample.rfind("\n"), 0)]
@@ -923,68 +926,132 @@ class RejectsWriter:
 
 # --- export ---------------------------------------------------------------------------------------
 
-def _export_sql(pg: bool) -> str:
-    """One batch of contacts [lo, hi] with emails, phones, tags and notes aggregated by the engine."""
-
-    def part(alias: str, value: str, order: str, source: str, sep: str) -> str:
-        if pg:
-            agg = (f"SELECT contact_id AS cid, string_agg({value}, {sep} ORDER BY {order}) AS v "
-                   f"FROM {source} GROUP BY contact_id")
-        else:  # SQLite 3.40 has no ORDER BY inside group_concat: aggregate an ordered subquery
-            agg = (f"SELECT contact_id AS cid, group_concat(v, {sep}) AS v FROM "
-                   f"(SELECT contact_id, {value} AS v FROM {source} ORDER BY contact_id, {order}) GROUP BY contact_id")
-        return f"LEFT JOIN ({agg}) {alias} ON {alias}.cid = c.id "
-
-    unit, line = ("chr(31)", "chr(10)") if pg else ("char(31)", "char(10)")
-    rng = "contact_id BETWEEN :lo AND :hi"  # scoped by the join to c (c.user_id = :u)
-    return ("SELECT c.id, c.display_name, e.v, p.v, c.company, c.title, t.v, n.v, c.created_at, c.updated_at "
-            "FROM contacts c "
-            + part("e", "email", "position", f"contact_emails WHERE {rng}", unit)
-            + part("p", "coalesce(e164, raw)", "position", f"contact_phones WHERE {rng}", unit)
-            + part("t", "tg.name", "tg.name", "contact_tags ct JOIN tags tg ON tg.id = ct.tag_id "
-                   "WHERE tg.user_id = :u AND ct.contact_id BETWEEN :lo AND :hi", unit)
-            + part("n", "body", "id", f"notes WHERE {rng}", line)
-            + "WHERE c.user_id = :u AND c.id BETWEEN :lo AND :hi ORDER BY c.id")
+_EXPORT_CHILDREN = (
+    # (column in the row, SQL giving (contact_id, value) for a contact id range, in output order, joiner)
+    (2, "SELECT contact_id, email FROM contact_emails WHERE contact_id BETWEEN ? AND ? "
+        "ORDER BY contact_id, position", _SEP),
+    (3, "SELECT contact_id, coalesce(e164, raw) FROM contact_phones WHERE contact_id BETWEEN ? AND ? "
+        "ORDER BY contact_id, position", _SEP),
+    (6, "SELECT ct.contact_id, t.name FROM contact_tags ct JOIN tags t ON t.id = ct.tag_id "
+        "WHERE ct.contact_id BETWEEN ? AND ? ORDER BY ct.contact_id, t.name", _SEP),
+    (7, "SELECT contact_id, body FROM notes WHERE contact_id BETWEEN ? AND ? ORDER BY contact_id, id", "\n"),
+)
 
 
-def iter_export_rows(session: Session, user_id: int, flt: ContactFilter, *, now: datetime | None = None,
-                     batch: int = EXPORT_BATCH) -> Iterator[tuple]:
-    """Every matching contact as a native-column tuple, oldest id first, in constant memory.
+def _id_batches(conn, cur, mark: str, user_term: str, user_id: int, flt: ContactFilter, now: datetime,
+                batch: int) -> Iterator[list[int]]:
+    """The matching contact ids in ascending batches."""
+    if flt.empty:
+        sql = (f"SELECT id FROM contacts WHERE {user_term} = {mark} AND id > {mark} ORDER BY id LIMIT {batch}")
+        last = 0
+        while True:
+            cur.execute(sql, (user_id, last))
+            ids = [r[0] for r in cur.fetchall()]
+            if not ids:
+                return
+            yield ids
+            last = ids[-1]
+    # Filters: one streamed query in id order (the filter's own SQL), cut into batches.
+    stmt = apply_filter(select(Contact.id), user_id, flt.validate(), now).order_by(Contact.id)
+    result = conn.execution_options(stream_results=True, yield_per=batch).execute(stmt)
+    for part in result.scalars().partitions(batch):
+        yield list(part)
 
-    Multi-values come joined with \\x1f, notes with newlines, timestamps as ISO 8601 strings.
+
+def iter_export_batches(session: Session, user_id: int, flt: ContactFilter, *, now: datetime | None = None,
+                        batch: int = EXPORT_BATCH, joiner: str = _SEP, threaded: bool = True) -> Iterator[list[list]]:
+    """Every matching contact as native-column lists, oldest id first, a batch at a time (constant memory).
+
+    Emails, phones and tags come joined with `joiner`, notes with newlines, timestamps as ISO 8601
+    strings. With `threaded`, a reader thread runs the next batch's queries while the caller writes.
     """
-    from sqlalchemy import text
+    import queue
+    import threading
 
     now = now or clock_now()
+    flt.validate()
     conn = session.connection(execution_options={"sqlite_read_only": True})
     pg = conn.dialect.name == "postgresql"
-    data_sql = text(_export_sql(pg))
-    ids_stmt = apply_filter(select(Contact.id), user_id, flt.validate(), now)
-    filtered = not flt.empty
-    last = 0
-    while True:
-        ids = list(conn.execute(ids_stmt.where(Contact.id > last).order_by(Contact.id).limit(batch)).scalars())
-        if not ids:
-            return
-        lo, hi = ids[0], ids[-1]
-        last = hi
-        wanted = set(ids) if filtered and hi - lo + 1 != len(ids) else None
-        raw = conn.exec_driver_sql(*_driver(conn, data_sql, {"u": user_id, "lo": lo, "hi": hi})).fetchall()
-        for row in raw:
-            if wanted is not None and row[0] not in wanted:
-                continue
-            yield (row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], _iso(row[8]), _iso(row[9]))
-        if len(ids) < batch:
-            return
+    mark = "%s" if pg else "?"
+    # SQLite would pick a (user_id, …) index and scan every contact of the user per batch: `+` keeps
+    # the id range on the primary key.
+    user_term = "user_id" if pg else "+user_id"
+    driver = conn.connection.driver_connection
+    main_sql = (f"SELECT id, display_name, company, title, created_at, updated_at "
+                f"FROM contacts WHERE {user_term} = {mark} AND id BETWEEN {mark} AND {mark} ORDER BY id")
+    children = [(sql.replace("?", mark), sep if sep == "\n" else joiner) for _col, sql, sep in _EXPORT_CHILDREN]
+    iso = _IsoCache()
+
+    def batches() -> Iterator[list[list]]:
+        cur = driver.cursor()
+        for ids in _id_batches(conn, cur, mark, user_term, user_id, flt, now, batch):
+            lo, hi = ids[0], ids[-1]
+            cur.execute(main_sql, (user_id, lo, hi))
+            rows = cur.fetchall()
+            if hi - lo + 1 != len(ids):
+                wanted = set(ids)
+                rows = [r for r in rows if r[0] in wanted]
+            values: list[dict[int, str]] = []
+            for sql, sep in children:
+                cur.execute(sql, (lo, hi))
+                grouped: dict[int, str] = {}
+                for cid, value in cur.fetchall():
+                    have = grouped.get(cid)
+                    grouped[cid] = value if have is None else have + sep + value
+                values.append(grouped)
+            emails, phones, tags, notes = (v.get for v in values)
+            yield [[r[0], r[1], emails(r[0]), phones(r[0]), r[2], r[3], tags(r[0]), notes(r[0]),
+                    iso(r[4]), iso(r[5])] for r in rows]
+
+    if not threaded:
+        yield from batches()
+        return
+    ahead: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in batches():
+                while not stop.is_set():
+                    try:
+                        ahead.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ahead.put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            ahead.put(exc)
+
+    reader = threading.Thread(target=produce, name="export-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = ahead.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
 
 
-def _driver(conn, stmt, params: dict) -> tuple[str, Any]:
-    """The statement in the driver's paramstyle (exec_driver_sql skips SQLAlchemy's per-row processing)."""
-    compiled = stmt.compile(dialect=conn.dialect)
-    positional = getattr(compiled, "positiontup", None)
-    if positional:
-        return compiled.string, tuple(params[k] for k in positional)
-    return compiled.string, params
+class _IsoCache:
+    """ISO 8601 text of a stored timestamp; bulk-imported rows share theirs, so remember the last one."""
+
+    def __init__(self):
+        self.last_in: Any = None
+        self.last_out: str | None = None
+
+    def __call__(self, value) -> str | None:
+        if value == self.last_in:
+            return self.last_out
+        self.last_in, self.last_out = value, _iso(value)
+        return self.last_out
 
 
 def _iso(value) -> str | None:
@@ -1007,27 +1074,23 @@ def export_contacts(session: Session, user_id: int, flt: ContactFilter, fmt: str
 
     columns = [c for c in EXPORT_COLUMNS if not (portable and c in formats.TIMESTAMP_COLUMNS)]
     keep = [EXPORT_COLUMNS.index(c) for c in columns]
-    rows = iter_export_rows(session, user_id, flt, now=now)
     if fmt == "csv":
-        def cells() -> Iterator[list]:
-            for row in rows:
-                out = [row[i] for i in keep]
-                for j, value in enumerate(out):
-                    if value.__class__ is str and _SEP in value:
-                        out[j] = value.replace(_SEP, ";")
-                yield out
-        return write_rows(columns, cells(), stream)
+        batches = iter_export_batches(session, user_id, flt, now=now, joiner=";")
+        if portable:
+            batches = ([[row[i] for i in keep] for row in part] for part in batches)
+        return write_rows(columns, batches, stream)
     if fmt not in ("json", "jsonl"):
         raise InvalidInput(f"--format: export writes csv, json or jsonl (got {fmt!r})")
     multi = {2, 3, 6}
 
     def records() -> Iterator[dict]:
-        for row in rows:
-            yield {EXPORT_COLUMNS[i]: (row[i].split(_SEP) if row[i] else []) if i in multi else row[i]
-                   for i in keep}
+        for part in iter_export_batches(session, user_id, flt, now=now):
+            for row in part:
+                yield {EXPORT_COLUMNS[i]: (row[i].split(_SEP) if row[i] else []) if i in multi else row[i]
+                       for i in keep}
     return write_records(records(), columns, fmt, stream)
 
 
 __all__ = ["CsvInput", "ImportOptions", "ImportSummary", "RowError", "RejectsWriter", "export_contacts",
-           "import_contacts", "import_job", "iter_export_rows", "job_payload", "open_csv", "phone_e164",
+           "import_contacts", "import_job", "iter_export_batches", "job_payload", "open_csv", "phone_e164",
            "OmniCrmError"]

@@ -109,19 +109,21 @@ def write_records(records: Iterable[dict], fields: list[str], fmt: str, stream: 
     return count
 
 
-def write_rows(header: list[str], rows: Iterable[list], stream: IO[str] | None = None) -> int:
-    """CSV of pre-rendered rows (str/int/None cells) with the formula guard: the bulk export path."""
+def write_rows(header: list[str], batches: Iterable[list[list]], stream: IO[str] | None = None) -> int:
+    """CSV of pre-rendered rows (lists of str/int/None), a batch at a time, with the formula guard:
+    the bulk export path. Returns the number of rows."""
     out = stream or sys.stdout
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(header)
     count = 0
     guarded = _GUARDED_FIRST
-    for row in rows:
-        for i, cell in enumerate(row):
-            if cell.__class__ is str and cell and cell[0] in guarded:
-                row[i] = neutralise(cell)
-        writer.writerow(row)
-        count += 1
+    for rows in batches:
+        for row in rows:
+            for i, cell in enumerate(row):
+                if cell.__class__ is str and cell and cell[0] in guarded:
+                    row[i] = neutralise(cell)
+        writer.writerows(rows)
+        count += len(rows)
     return count
 
 

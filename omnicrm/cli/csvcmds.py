@@ -150,6 +150,7 @@ def _finish(st, summary, output: str, plan: list[dict]) -> None:
     if output == "json":
         write_object(summary.as_dict(), "json")
     elif summary.dry_run:
+        plan.sort(key=lambda entry: entry["line"])  # rejects are found before a batch is applied
         write_records(plan, PLAN_FIELDS, output)
     if summary.failed:
         raise InvalidInput(f"{summary.rejected} invalid row(s) of {summary.rows}; nothing was imported "

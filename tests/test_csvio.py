@@ -1,0 +1,208 @@
+"""omnicrm.csvio and omnicrm.csvformats: reading real-world files, the bulk write path, phones, formulas."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+from sqlalchemy import func, select
+
+from omnicrm import csvio
+from omnicrm.contacts import add_contact
+from omnicrm.db import user_id
+from omnicrm.errors import InvalidInput
+from omnicrm.models import Contact, ContactEmail, ContactPhone, ContactTag, Interaction, Note, Tag
+from omnicrm.normalize import search_text, to_e164
+from omnicrm.output import neutralise, unneutralise
+
+DATA = Path(__file__).parent / "data" / "csv"
+
+
+def opened(text: str | bytes, **kw) -> csvio.CsvInput:
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    return csvio.open_csv(io.BytesIO(raw), **kw)
+
+
+def records(text: str | bytes, **kw) -> list[tuple[int, list[str]]]:
+    return list(opened(text, **kw).records())
+
+
+# --- phones -------------------------------------------------------------------------------------
+
+def _shapes(rng: random.Random) -> str:
+    area, exchange, line = rng.randint(0, 999), rng.randint(0, 999), rng.randint(0, 9999)
+    return rng.choice([
+        f"+1 ({area:03d}) {exchange:03d}-{line:04d}", f"{area:03d}.{exchange:03d}.{line:04d}",
+        f"({area:03d}) {exchange:03d} {line:04d}", f"{area:03d}{exchange:03d}{line:04d}",
+        f"1-{area:03d}-{exchange:03d}-{line:04d}", f"1{area:03d}{exchange:03d}{line:04d}",
+        f"+1{area:03d}{exchange:03d}{line:04d}", f"+1 1{area:03d} {exchange:03d} {line:03d}",
+        f"{exchange:03d}-{line:04d}", f"+44 20 {exchange:04d} {line:04d}", f"0{area:03d} {line:04d}",
+        f"+{area} {exchange}", f"{area}-{exchange}", f"({area:03d}){exchange:03d}-{line:04d} x12",
+    ])
+
+
+@pytest.mark.parametrize("region", ["US", "CA", "GB"])
+def test_phone_fast_path_gives_libphonenumber_answers(region):
+    rng = random.Random(region)
+    for _ in range(3000):
+        raw = _shapes(rng)
+        assert csvio.phone_e164(raw, region) == to_e164(raw, region), raw
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(st.text(alphabet="0123456789 ().-+", min_size=1, max_size=18))
+def test_phone_fast_path_on_arbitrary_strings(raw):
+    assert csvio.phone_e164(raw, "US") == to_e164(raw, "US")
+
+
+# --- formula guard ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value,guarded", [
+    ("=HYPERLINK(\"http://x\",\"y\")", True), ("@SUM(A1:A2)", True), ("+cmd|' /C calc'!A0", True),
+    ("-- call me", True), ("=vip;+lead", True), ("\tx", True), ("\rx", True), ("'=already", True),
+    ("+14155550101", False), ("+1 (415) 555-0101;+44 20 7946 0958", False), ("-42", False),
+    ("-ann@example.com", False), ("ann@example.com", False), ("plain text", False), ("'quoted", False),
+    ("+14155550101;=cmd|x", True),
+])
+def test_neutralise_guards_formulas_and_round_trips(value, guarded):
+    out = neutralise(value)
+    assert (out != value) is guarded
+    assert unneutralise(out) == value
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(st.text(alphabet="=+-@'\t\r;a1 (.", max_size=8))
+def test_unneutralise_inverts_neutralise(value):
+    assert unneutralise(neutralise(value)) == value
+
+
+# --- reading files -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,fmt,header_line", [
+    ("native.csv", "native", 1), ("google_current.csv", "google", 1), ("google_legacy.csv", "google", 1),
+    ("outlook.csv", "outlook", 1), ("linkedin_connections.csv", "linkedin", 4),
+])
+def test_formats_are_detected_from_the_header(name, fmt, header_line):
+    source = csvio.open_csv(DATA / name)
+    try:
+        assert (source.format, source.header_line) == (fmt, header_line)
+        assert len(list(source.records())) >= 2
+    finally:
+        source.close()
+
+
+def test_bom_crlf_multiline_and_delimiters_are_handled():
+    text = "\ufeffname;email\r\n\"Ann; the first\";ann@example.com\r\n\"Multi\r\nline\";m@example.com\r\n"
+    source = opened(text)
+    assert source.delimiter == ";" and source.header == ["name", "email"]
+    assert list(source.records()) == [(2, ["Ann; the first", "ann@example.com"]),
+                                      (3, ["Multi\r\nline", "m@example.com"])]
+    assert opened("name\temail\nAnn\tann@example.com\n").delimiter == "\t"
+    assert opened("name|email\nAnn|a@example.com\n", delimiter="|").header == ["name", "email"]
+
+
+def test_utf16_with_bom_and_explicit_encoding():
+    assert records("name,email\nZoë,z@example.com\n".encode("utf-16"))[0][1] == ["Zoë", "z@example.com"]
+    latin = "name,email\nJosé,j@example.com\n".encode("cp1252")
+    assert records(latin, encoding="cp1252")[0][1][0] == "José"
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "empty"),
+    (b"\n\n", "empty"),
+    (b"name,email\nJos\xe9,j@example.com\n", "--encoding"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "binary"),
+    (b"name,email\x00,x\n", "binary"),
+    (b"name,email,Email\nAnn,a@example.com,b@example.com\n", "duplicate column name 'Email'"),
+])
+def test_unreadable_inputs_fail_cleanly(data, message):
+    with pytest.raises(InvalidInput, match=message):
+        records(data)
+
+
+def test_unterminated_quote_and_huge_fields_name_the_line():
+    with pytest.raises(InvalidInput, match=r"line 3: a quoted field is never closed"):
+        records('name,email\nAnn,a@example.com\n"Bob,b@example.com\nCat,c@example.com\n')
+    assert len(records("name,notes\nAnn," + "x" * 2_000_000 + "\n")[0][1][1]) == 2_000_000
+
+
+def test_encoding_error_after_the_sample_names_the_line():
+    text = b"name,email\n" + b"Ann,a@example.com\n" * 5000 + b"Jos\xe9,j@example.com\n"
+    with pytest.raises(InvalidInput, match="--encoding"):
+        records(text)
+
+
+def test_headers_that_map_to_nothing_are_listed():
+    source = opened("colour,size\nred,XL\n")
+    with pytest.raises(InvalidInput) as info:
+        csvio.check_columns(source, csvio.ImportOptions())
+    assert "'colour', 'size'" in str(info.value) and "display_name" in str(info.value)
+    mapped = opened("colour,who\nred,ann@example.com\n", mapping={"who": "email"})
+    assert csvio.check_columns(mapped, csvio.ImportOptions(mapping={"who": "email"})).mapped == ["email"]
+
+
+# --- the bulk write path fills what the ORM path fills ---------------------------------------------
+
+def _snapshot(session, uid, contact_id):
+    c = session.get(Contact, contact_id)
+    emails = session.execute(select(ContactEmail.email, ContactEmail.position).where(
+        ContactEmail.contact_id == contact_id).order_by(ContactEmail.position)).all()
+    phones = session.execute(select(ContactPhone.raw, ContactPhone.e164, ContactPhone.position).where(
+        ContactPhone.contact_id == contact_id).order_by(ContactPhone.position)).all()
+    tags = session.scalars(select(Tag.name).join(ContactTag, ContactTag.tag_id == Tag.id).where(
+        ContactTag.contact_id == contact_id).order_by(Tag.name)).all()
+    notes = session.scalars(select(Note.body).where(Note.contact_id == contact_id)).all()
+    kinds = session.scalars(select(Interaction.kind).where(Interaction.contact_id == contact_id)).all()
+    return {"name": c.display_name, "company": c.company, "search": c.search_text, "manual": c.manual_fields,
+            "emails": [tuple(e) for e in emails], "phones": [tuple(p) for p in phones], "tags": list(tags),
+            "notes": list(notes), "kinds": list(kinds), "has_last": c.last_interaction_at is not None}
+
+
+def test_bulk_import_matches_add_contact(session, settings):
+    uid = user_id(session, "default")
+    orm = add_contact(session, uid, name="Zoë Adams", emails=["Zoe@Example.com", "z2@example.com"],
+                      phones=["+1 (415) 555-0101", "020 7946 0958"], company="Acme", tags=["VIP", "lead"],
+                      note="first note", region="US")
+    session.commit()
+    other = user_id(session, "copy")
+    session.commit()
+    source = opened("display_name,email,phone,company,tags,notes\n"
+                    "Zoë Adams,Zoe@Example.com;z2@example.com,+1 (415) 555-0101;020 7946 0958,Acme,VIP;lead,"
+                    "first note\n")
+    summary = csvio.import_contacts(session, other, source, csvio.ImportOptions())
+    session.commit()
+    assert (summary.created, summary.rejected) == (1, 0)
+    bulk_id = session.scalar(select(Contact.id).where(Contact.user_id == other))
+    session.expire_all()
+    assert _snapshot(session, other, bulk_id) == _snapshot(session, uid, orm.id)
+    c = session.get(Contact, bulk_id)
+    assert c.search_text == search_text("Zoë Adams", "Acme", ["zoe@example.com", "z2@example.com"],
+                                        [("+1 (415) 555-0101", "+14155550101"), ("020 7946 0958", None)])
+
+
+def test_search_finds_bulk_imported_contacts(cli, tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text("display_name,email,phone\nÉmile Lefèvre,emile@example.com,(415) 555-0123\n"
+                    "Ann Lee,ann@example.com,\n")
+    assert cli("contacts", "import", str(path)).exit_code == 0
+    for query in ("emile lef", "4155550123", "ann@exa"):
+        found = cli("contacts", "list", "--search", query, "--format", "json")
+        assert len(__import__("json").loads(found.stdout)) == 1, query
+
+
+def test_batches_see_earlier_rows_of_the_same_file(session):
+    uid = user_id(session, "default")
+    rows = "".join(f"P{i},p{i}@example.com,tag{i % 3}\n" for i in range(25))
+    rows += "Again,P3@Example.com,extra\n"
+    source = opened("name,email,tags\n" + rows)
+    summary = csvio.import_contacts(session, uid, source, csvio.ImportOptions(batch_size=7))
+    session.commit()
+    assert (summary.created, summary.merged) == (25, 1)
+    assert session.scalar(select(func.count()).select_from(Contact).where(Contact.user_id == uid)) == 25
+    tags = session.scalars(select(Tag.name).join(ContactTag, ContactTag.tag_id == Tag.id).join(
+        ContactEmail, ContactEmail.contact_id == ContactTag.contact_id).where(
+        ContactEmail.email == "p3@example.com").order_by(Tag.name)).all()
+    assert tags == ["extra", "tag0"]
