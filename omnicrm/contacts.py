@@ -11,10 +11,11 @@ from sqlalchemy.orm import Session, selectinload
 
 from omnicrm.config import now as clock_now
 from omnicrm.errors import InvalidInput, NotFound
-from omnicrm.filters import ContactFilter, apply_filter, normalise_tag, order_by
+from omnicrm.filters import ContactFilter, apply_filter, normalise_tag, order_by, resolve_tags
 from omnicrm.models import (Contact, ContactEmail, ContactPhone, ContactTag, ExternalLink, Interaction, Note,
                             Tag)
 from omnicrm.normalize import clean_text, is_valid_email, normalise_email, search_text, to_e164
+from omnicrm.search_index import count_matches
 from omnicrm.score import relationship_score
 
 # Field names of a contact record, in output order; `email`/`phone`/`tags` hold lists (primary first).
@@ -306,6 +307,7 @@ class Page:
     total: int
     page: int
     page_size: int
+    exact: bool = True  # False: `total` is a lower bound (a filtered count stops at search_index.COUNT_CAP)
 
     @property
     def pages(self) -> int:
@@ -325,11 +327,12 @@ def list_contacts(session: Session, user_id: int, flt: ContactFilter, *, sort: s
     check_paging(page, page_size)
     now = now or clock_now()
     ordering = order_by(sort, order, now)
-    ids = apply_filter(select(Contact.id), user_id, flt.validate(), now)
-    total = session.scalar(select(func.count()).select_from(ids.subquery()))
+    flt = resolve_tags(session, user_id, flt.validate())
+    ids = apply_filter(select(Contact.id), user_id, flt, now)
+    total, exact = count_matches(session, ids, page=page, page_size=page_size)
     stmt = _eager(apply_filter(select(Contact), user_id, flt, now)).order_by(*ordering)
     items = list(session.scalars(stmt.limit(page_size).offset((page - 1) * page_size)))
-    return Page(items=items, total=total, page=page, page_size=page_size)
+    return Page(items=items, total=total, page=page, page_size=page_size, exact=exact)
 
 
 def iter_contacts(session: Session, user_id: int, flt: ContactFilter, *, sort: str = "created",

@@ -22,6 +22,9 @@ class ContactFilter:
     created: str | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
     stale: int | None = None
+    # The ids of `tags` looked up beforehand (resolve_tags): a literal tag id lets PostgreSQL estimate
+    # each tag's size from its statistics and pick the right plan for rare and common tags alike.
+    tag_ids: tuple[int, ...] | None = None
 
     @property
     def empty(self) -> bool:
@@ -90,7 +93,11 @@ def _like_pattern(term: str) -> str:
 
 
 def search_clause(term: str):
-    return Contact.search_text.like(_like_pattern(term), escape="\\")
+    """`search_text` contains the folded `term`: FTS5 trigram on SQLite, LIKE + pg_trgm GIN on PostgreSQL,
+    a LIKE scan where no index exists or the term is shorter than a trigram (omnicrm/search_index.py)."""
+    from omnicrm.search_index import search_match
+
+    return search_match(term)
 
 
 def apply_filter(stmt: Select, user_id: int, flt: ContactFilter, now: datetime) -> Select:
@@ -104,7 +111,10 @@ def apply_filter(stmt: Select, user_id: int, flt: ContactFilter, now: datetime) 
             stmt = stmt.where(Contact.created_at >= start)
         if end:
             stmt = stmt.where(Contact.created_at < end)
-    for tag in flt.tags:
+    if flt.tag_ids is not None:
+        for tag_id in flt.tag_ids:
+            stmt = stmt.where(Contact.id.in_(select(ContactTag.contact_id).where(ContactTag.tag_id == tag_id)))
+    for tag in flt.tags if flt.tag_ids is None else ():
         tagged = (select(ContactTag.contact_id).join(Tag, Tag.id == ContactTag.tag_id)
                   .where(Tag.user_id == user_id, Tag.name == normalise_tag(tag)))
         stmt = stmt.where(Contact.id.in_(tagged))
@@ -112,6 +122,19 @@ def apply_filter(stmt: Select, user_id: int, flt: ContactFilter, now: datetime) 
         cutoff = now - timedelta(days=flt.stale)
         stmt = stmt.where(or_(Contact.last_interaction_at.is_(None), Contact.last_interaction_at < cutoff))
     return stmt
+
+
+def resolve_tags(session, user_id: int, flt: ContactFilter) -> ContactFilter:
+    """`flt` with the ids of its tags filled in (an unknown tag becomes id 0, which matches nothing)."""
+    from dataclasses import replace
+
+    if not flt.tags or flt.tag_ids is not None:
+        return flt
+    ids = []
+    for tag in flt.tags:
+        found = session.scalar(select(Tag.id).where(Tag.user_id == user_id, Tag.name == normalise_tag(tag)))
+        ids.append(found if found is not None else 0)
+    return replace(flt, tag_ids=tuple(ids))
 
 
 def normalise_tag(tag: str) -> str:
@@ -139,6 +162,15 @@ def order_by(sort: str, order: str, now: datetime | None = None):
         column = TIMED_SORTS[sort](now or datetime.now(timezone.utc))
     else:
         column = SORTS[sort]
+    if sort in NOT_NULL_SORTS:
+        # No NULLS LAST on a NOT NULL column: PostgreSQL can then walk (user_id, created_at, id) backwards
+        # for the default list instead of sorting every match (same order: there are no NULLs).
+        if order == "desc":
+            return (column.desc(), Contact.id.desc())
+        return (column.asc(), Contact.id.asc())
     if order == "desc":
         return (column.desc().nulls_last(), Contact.id.desc())
     return (column.asc().nulls_last(), Contact.id.asc())
+
+
+NOT_NULL_SORTS = ("created", "updated")

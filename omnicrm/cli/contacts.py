@@ -162,7 +162,8 @@ def list_(
                                    page=page, page_size=page_size)
         emit(st, (svc.record(c) for c in result.items), chosen, output)
     if output == "table":
-        st.info(f"page {result.page} of {result.pages} · {result.total} contacts")
+        more = "" if result.exact else "+"  # a large filtered total is counted up to a cap (README: scale)
+        st.info(f"page {result.page} of {result.pages}{more} · {result.total}{more} contacts")
 
 
 @app.command()
