@@ -186,14 +186,14 @@ class RunReport:
 
     @property
     def exit_code(self) -> int:
-        if self.enqueued or not self.rows:
-            return 0
-        failed = [r for r in self.rows if r["status"] != "done"]
+        """0 all fine (or queued), 1 all failed, 3 authorization needed, 4 some failed."""
+        fine = {"done", "queued", "running"} if self.enqueued else {"done"}
+        failed = [r for r in self.rows if r["status"] not in fine]
         if not failed:
             return 0
-        if any(r.get("auth") for r in failed):
-            return 3 if len(failed) == len(self.rows) or all(r.get("auth") for r in failed) else 4
-        return 1 if len(failed) == len(self.rows) else 4
+        if len(failed) < len(self.rows):
+            return 4
+        return 3 if all(r.get("auth") for r in failed) else 1
 
 
 def sync_users(session: Session, settings: Settings, all_users: bool) -> list[tuple[int, str]]:

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Callable, Iterable
 
 from sqlalchemy import delete, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from omnicrm import contacts as contact_service
@@ -32,6 +32,7 @@ log = logging.getLogger("omnicrm.sync")
 CREATE_MODES = ("all", "wrote-to", "none")
 CREATE_MODE_ENV = "OMNICRM_SYNC_CREATE_CONTACTS"
 SAMPLE_SIZE = 10
+RACE_RETRIES = 5
 CHUNK = 500
 
 
@@ -186,7 +187,7 @@ class Upserter:
         contact_service.refresh_search_text(contact)
         self.stats.contacts_updated += 1
 
-    def _create(self, email: str, name: str | None) -> int:
+    def _create(self, email: str, name: str | None, attempt: int = 0) -> int:
         try:
             with self.session.begin_nested():
                 contact = Contact(user_id=self.user_id, display_name=name, manual_fields="")
@@ -194,10 +195,14 @@ class Upserter:
                 contact_service.refresh_search_text(contact)
                 self.session.add(contact)
                 self.session.flush()
-        except IntegrityError:  # another sync created it a moment ago
+        except (IntegrityError, OperationalError) as exc:  # another sync created it a moment ago
+            if not _is_race(exc):
+                raise
             self._ids.pop(email, None)
             found = self.find(email)
             if found is None:
+                if attempt < RACE_RETRIES:
+                    return self._create(email, name, attempt + 1)
                 raise
             return found
         self._ids[email] = contact.id
@@ -289,7 +294,28 @@ class Upserter:
         """Create or update the contacts linked to one page of Google Contacts people.
 
         Each item: external_id, name, emails, phones, company, title, tags, etag. Reads are batched
-        per page and there is one flush at the end (the slow part used to be a flush per person)."""
+        per page and there is one flush at the end (the slow part used to be a flush per person).
+        The page runs in a savepoint: when a sync running in parallel took one of its addresses
+        meanwhile (unique violation, or a PostgreSQL deadlock), the page is read and written again."""
+        import copy
+
+        for attempt in range(RACE_RETRIES + 1):
+            saved = copy.deepcopy(self.stats)
+            try:
+                with self.session.begin_nested():
+                    self._upsert_people(link_source, copy.deepcopy(people), create)
+                return
+            except (IntegrityError, OperationalError) as exc:
+                if attempt == RACE_RETRIES or not _is_race(exc):
+                    raise
+                log.info("sync: page raced with another sync (%s); redoing it", type(exc.orig).__name__)
+                self.stats.__dict__.update(saved.__dict__)
+                self._ids.clear()
+                self._named.clear()
+                self._tags.clear()
+                self.session.expire_all()
+
+    def _upsert_people(self, link_source: str, people: list[dict], create: bool) -> None:
         from sqlalchemy.orm import selectinload
 
         session = self.session
@@ -402,6 +428,14 @@ class Upserter:
             except InvalidInput:
                 self._tags[name] = None
         return self._tags[name]
+
+
+def _is_race(exc: Exception) -> bool:
+    """A unique violation or a deadlock / serialization failure: worth redoing the work."""
+    if isinstance(exc, IntegrityError):
+        return True
+    code = getattr(getattr(exc, "orig", None), "sqlstate", None) or getattr(getattr(exc, "orig", None), "pgcode", None)
+    return code in ("40P01", "40001")
 
 
 def _manual(contact: Contact) -> set[str]:
