@@ -25,13 +25,14 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable, ContextManager, Iterator
 
-from sqlalchemy import and_, delete, exists, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from omnicrm.config import Settings, now as current_time
 from omnicrm.errors import AuthorizationNeeded, InvalidInput, NotFound, OmniCrmError
@@ -186,6 +187,7 @@ class JobContext:
     user_name: str
     settings: Settings
     owner: str = field(repr=False, default="")
+    max_attempts: int = field(repr=False, default=1)
     _lost: bool = field(default=False, repr=False)
     _renewed: float = field(default_factory=time.monotonic, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -208,21 +210,17 @@ class JobContext:
             raise LeaseLost(f"job {self.job_id} lost its lease")
 
     def _renew(self) -> None:
-        from omnicrm.db import session_scope
-
         with self._lock:
             if self._lost:
                 return
             stamp = current_time()
             try:
-                with session_scope(self.settings) as session:
-                    renewed = session.execute(
-                        update(Job).where(Job.id == self.job_id, Job.status == "running",
-                                          Job.lease_owner == self.owner)
+                with _write(self.settings) as conn:
+                    renewed = conn.execute(
+                        update(_T).where(_T.c.id == self.job_id, _T.c.status == "running",
+                                         _T.c.lease_owner == self.owner)
                         .values(lease_expires_at=stamp + timedelta(seconds=lease_seconds(self.settings)),
-                                heartbeat_at=stamp)
-                        .execution_options(synchronize_session=False)).rowcount
-                    session.commit()
+                                heartbeat_at=stamp)).rowcount
             except Exception as exc:  # noqa: BLE001 - a database hiccup: try again on the next beat
                 log.warning("heartbeat for job %s failed: %s", self.job_id, type(exc).__name__)
                 return
@@ -242,11 +240,13 @@ class _LeaseKeeper:
 
     def add(self, ctx: JobContext) -> None:
         with self.lock:
+            idle = not self.active
             self.active[ctx.job_id] = ctx
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._run, name="omnicrm-lease-keeper", daemon=True)
                 self.thread.start()
-        self.wake.set()
+        if idle:  # the keeper sleeps long when nothing runs; make it pick up this job's interval
+            self.wake.set()
 
     def remove(self, ctx: JobContext) -> None:
         with self.lock:
@@ -308,6 +308,48 @@ def _error_text(exc: BaseException) -> str:
     return message[:MAX_ERROR_CHARS]
 
 
+_T = Job.__table__
+_OTHER = _T.alias("other_job")
+# One compare-and-set statement: queued and due, and no running job holds the same exclusive key.
+_CLAIM = (update(_T)
+          .where(_T.c.id == bindparam("b_id"), _T.c.status == "queued", _T.c.run_after <= bindparam("b_now"),
+                 or_(_T.c.exclusive_key.is_(None),
+                     ~exists(select(_OTHER.c.id).where(_OTHER.c.exclusive_key == _T.c.exclusive_key,
+                                                       _OTHER.c.status == "running"))))
+          .values(status="running", attempts=_T.c.attempts + 1, lease_owner=bindparam("b_owner"),
+                  lease_expires_at=bindparam("b_expires", type_=_T.c.run_after.type),
+                  heartbeat_at=bindparam("b_now2", type_=_T.c.run_after.type),
+                  started_at=bindparam("b_now3", type_=_T.c.run_after.type), finished_at=None)
+          .returning(_T.c.kind, _T.c.payload, _T.c.attempts, _T.c.max_attempts, _T.c.user_id))
+_user_names: dict[tuple[str, int], str] = {}
+
+
+@contextmanager
+def _write(settings: Settings) -> Iterator[Connection]:
+    """A short transaction for a job-state change.
+
+    On PostgreSQL it commits without waiting for the WAL flush (synchronous_commit off): a database
+    crash may forget the last fraction of a second of job-state changes, which only means a job runs
+    again (handlers are idempotent) — the application data written by handlers is not affected.
+    """
+    from omnicrm import db
+
+    url = settings.database_url
+    engine = db.get_engine(url) if url in db._migrated else db.ready_engine(settings)
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO off")
+        yield conn
+
+
+def _user_name(settings: Settings, conn: Connection, user_id: int) -> str:
+    key = (settings.database_url, user_id)
+    name = _user_names.get(key)
+    if name is None:
+        name = _user_names[key] = conn.execute(select(User.name).where(User.id == user_id)).scalar_one()
+    return name
+
+
 def claim(settings: Settings, job_id: int, owner: str, *, now: datetime | None = None
           ) -> tuple[JobContext | None, datetime | None]:
     """Compare-and-set a queued, due job to running with a lease.
@@ -316,53 +358,35 @@ def claim(settings: Settings, job_id: int, owner: str, *, now: datetime | None =
     stays queued until run_after), or (None, None) if it is not claimable (done, running elsewhere,
     not due, cancelled, unknown).
     """
-    from omnicrm.db import session_scope
-
     stamp = now or current_time()
-    lease = timedelta(seconds=lease_seconds(settings))
-    other = aliased(Job)
-    free = or_(Job.exclusive_key.is_(None),
-               ~exists(select(other.id).where(other.exclusive_key == Job.exclusive_key,
-                                              other.status == "running")))
-    with session_scope(settings) as session:
-        try:
-            claimed = session.execute(
-                update(Job).where(Job.id == job_id, Job.status == "queued", Job.run_after <= stamp, free)
-                .values(status="running", attempts=Job.attempts + 1, lease_owner=owner,
-                        lease_expires_at=stamp + lease, heartbeat_at=stamp, started_at=stamp, finished_at=None)
-                .execution_options(synchronize_session=False)).rowcount
-        except IntegrityError:  # lost a race for the exclusive key
-            session.rollback()
-            claimed = 0
-        if claimed == 1:
-            row = session.execute(select(Job, User.name).join(User, User.id == Job.user_id)
-                                  .where(Job.id == job_id)).one()
-            session.commit()
-            job, user_name = row
-            return JobContext(job_id=job.id, kind=job.kind, payload=dict(job.payload or {}), attempt=job.attempts,
-                              user_id=job.user_id, user_name=user_name, settings=settings, owner=owner), None
-        session.rollback()
-        job = session.get(Job, job_id)
-        if (job is None or job.status != "queued" or job.run_after > stamp or job.exclusive_key is None):
-            return None, None
+    params = {"b_id": job_id, "b_now": stamp, "b_now2": stamp, "b_now3": stamp, "b_owner": owner,
+              "b_expires": stamp + timedelta(seconds=lease_seconds(settings))}
+    try:
+        with _write(settings) as conn:
+            row = conn.execute(_CLAIM, params).first()
+            if row is not None:
+                kind, payload, attempts, max_attempts, uid = row
+                ctx = JobContext(job_id=job_id, kind=kind, payload=dict(payload or {}), attempt=attempts,
+                                 user_id=uid, user_name=_user_name(settings, conn, uid), settings=settings,
+                                 owner=owner, max_attempts=max_attempts)
+                return ctx, None
+    except IntegrityError:  # lost a race for the exclusive key with a concurrent claim
+        pass
+    with _write(settings) as conn:
         later = stamp + timedelta(seconds=exclusive_delay(settings))
-        session.execute(update(Job).where(Job.id == job_id, Job.status == "queued", Job.run_after <= stamp)
-                        .values(run_after=later, delivered_at=later)
-                        .execution_options(synchronize_session=False))
-        session.commit()
-        return None, later
+        bounced = conn.execute(update(_T).where(_T.c.id == job_id, _T.c.status == "queued",
+                                                _T.c.run_after <= stamp, _T.c.exclusive_key.is_not(None))
+                               .values(run_after=later, delivered_at=later)).rowcount
+    return (None, later) if bounced == 1 else (None, None)
 
 
 def _settle(settings: Settings, job_id: int, owner: str, **values) -> bool:
     """Write the end of an attempt if this claim still holds the lease."""
-    from omnicrm.db import session_scope
-
     values.setdefault("lease_owner", None)
     values.setdefault("lease_expires_at", None)
-    with session_scope(settings) as session:
-        done = session.execute(update(Job).where(Job.id == job_id, Job.status == "running", Job.lease_owner == owner)
-                               .values(**values).execution_options(synchronize_session=False)).rowcount
-        session.commit()
+    with _write(settings) as conn:
+        done = conn.execute(update(_T).where(_T.c.id == job_id, _T.c.status == "running",
+                                             _T.c.lease_owner == owner).values(**values)).rowcount
     return done == 1
 
 
@@ -425,12 +449,8 @@ def execute(settings: Settings, job_id: int, *, owner: str | None = None) -> Out
 
 
 def _after_error(settings: Settings, ctx: JobContext, error: str) -> Outcome:
-    from omnicrm.db import session_scope
-
-    with session_scope(settings) as session:
-        max_attempts = session.scalar(select(Job.max_attempts).where(Job.id == ctx.job_id)) or 1
     stamp = current_time()
-    if ctx.attempt >= max_attempts:
+    if ctx.attempt >= ctx.max_attempts:
         _settle(settings, ctx.job_id, ctx.owner, status="dead", last_error=error, finished_at=stamp)
         return Outcome(ctx.job_id, "dead", error=error)
     later = stamp + timedelta(seconds=retry_delay(settings, ctx.attempt))
@@ -444,16 +464,8 @@ def release(settings: Settings, ctx: JobContext) -> bool:
     """Give a running job back (queued, due now, attempt not counted); the handler is told to stop."""
     ctx._lost = True
     stamp = current_time()
-    from omnicrm.db import session_scope
-
-    with session_scope(settings) as session:
-        done = session.execute(
-            update(Job).where(Job.id == ctx.job_id, Job.status == "running", Job.lease_owner == ctx.owner)
-            .values(status="queued", attempts=Job.attempts - 1, run_after=stamp, delivered_at=stamp,
-                    lease_owner=None, lease_expires_at=None)
-            .execution_options(synchronize_session=False)).rowcount
-        session.commit()
-    return done == 1
+    return _settle(settings, ctx.job_id, ctx.owner, status="queued", attempts=_T.c.attempts - 1, run_after=stamp,
+                   delivered_at=stamp)
 
 
 def release_running(settings: Settings) -> list[int]:

@@ -76,6 +76,33 @@ def _job_message_serializer():
     return JobMessageSerializer()
 
 
+def _pg_queue_connection(dsn: str):
+    """A queue connection that does not wait for the WAL flush on commit: a message lost in a
+    database crash is re-delivered by the reaper (the jobs table is the source of truth)."""
+    import psycopg
+
+    conn = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    conn.execute("SET synchronous_commit TO off")
+    return conn
+
+
+def _no_revoke(base):
+    """`base` without revocation: we never revoke (cancel is a jobs-table state), so skip the two
+    revocation reads and the delete Huey would otherwise make for every message."""
+
+    class JobHuey(base):
+        def is_revoked(self, task, timestamp=None, peek=True):
+            return False
+
+        def delete(self, key):
+            if isinstance(key, str) and key.startswith("r:"):
+                return False
+            return super().delete(key)
+
+    JobHuey.__name__ = f"Job{base.__name__}"
+    return JobHuey
+
+
 class JobQueue:
     """One Huey instance with one task, `run_job(job_id)`, whose body is `executor` (set by the worker)."""
 
@@ -99,13 +126,14 @@ class JobQueue:
                 from huey import SqliteHuey
 
                 path = ensure_private_file(__import__("pathlib").Path(url[len("sqlite:///"):]))
-                return SqliteHuey(name, filename=str(path), timeout=30, **common)
+                return _no_revoke(SqliteHuey)(name, filename=str(path), timeout=30, **common)
             if self.backend == "postgresql":
                 from huey import PostgresHuey
 
                 dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
-                return PostgresHuey(name, dsn=dsn, blocking=blocking, read_timeout=1,
-                                    table_prefix="omnicrm_huey", **common)
+                return _no_revoke(PostgresHuey)(name, connection=lambda: _pg_queue_connection(dsn),
+                                                blocking=blocking, read_timeout=1, table_prefix="omnicrm_huey",
+                                                **common)
             try:
                 import redis  # noqa: F401
             except ImportError:
@@ -113,7 +141,7 @@ class JobQueue:
                                    "(pip install 'omnicrm[redis]')") from None
             from huey import RedisHuey
 
-            return RedisHuey(name, url=url, blocking=blocking, read_timeout=1, **common)
+            return _no_revoke(RedisHuey)(name, url=url, blocking=blocking, read_timeout=1, **common)
         except InvalidInput:
             raise
         except Exception as exc:  # noqa: BLE001 - driver errors differ per backend

@@ -266,10 +266,8 @@ def test_cancelled_job_never_runs(sql_harness):
 
 
 @pytest.mark.parametrize("grace,expected", [("5", "done"), ("0.2", "queued")])
-def test_sigterm_finishes_or_releases_running_jobs(db_url, tmp_path, omnicrm_home, grace, expected):
-    if not db_url.startswith("sqlite"):
-        pytest.skip("signal handling does not depend on the database")
-    h = Harness(tmp_path, omnicrm_home, db_url, None)
+def test_sigterm_finishes_or_releases_running_jobs(tmp_path, omnicrm_home, grace, expected):
+    h = Harness(tmp_path, omnicrm_home, f"sqlite:///{omnicrm_home / 'omnicrm.db'}", None)
     try:
         proc = h.worker("--workers", "2", "--grace", grace)
         job_id = h.submit("test:record", {"seconds": 1.0})
