@@ -113,6 +113,8 @@ class RowData:
 
 
 def _split_semicolon(value: str) -> list[str]:
+    if ";" not in value:
+        return [value]  # already stripped and non-empty
     return [p.strip() for p in value.split(";") if p.strip()]
 
 
@@ -156,52 +158,50 @@ class Extractor:
         return self.first_column.get(target, target)
 
     def extract(self, cells: list[str]) -> RowData:
-        row = RowData()
-        first = middle = last = None
-        extra_notes: list[str] = []
-        linkedin_url = connected = None
+        """The row's values by target field (compiled per header: only mapped columns are looked at)."""
+        found: dict[str, list[str]] = {}
         unneutralise = self.unneutralise
         for i, target in self.columns:
             value = cells[i].strip()
-            if not value:
-                continue
-            if unneutralise is not None and value[0] == "'":
-                value = unneutralise(value)
+            if value:
+                if unneutralise is not None and value[0] == "'":
+                    value = unneutralise(value)
+                have = found.get(target)
+                if have is None:
+                    found[target] = [value]
+                else:
+                    have.append(value)
+        get = found.get
+        row = RowData(None, None, None, [], [], [], None, None, None)
+        for target, values in found.items():
             if target == "email":
-                row.emails.extend(self.split_multi(value))
+                for value in values:
+                    row.emails.extend(self.split_multi(value))
             elif target == "phone":
-                row.phones.extend(self.split_multi(value))
+                for value in values:
+                    row.phones.extend(self.split_multi(value))
             elif target == "tags":
-                row.tags.extend(self.split_tags(value))
+                for value in values:
+                    row.tags.extend(self.split_tags(value))
             elif target == "display_name":
-                row.display_name = row.display_name or value
+                row.display_name = values[0]
             elif target == "company":
-                row.company = row.company or value
+                row.company = values[0]
             elif target == "title":
-                row.title = row.title or value
-            elif target == "notes":
-                extra_notes.append(value)
-            elif target == "first_name":
-                first = first or value
-            elif target == "middle_name":
-                middle = middle or value
-            elif target == "last_name":
-                last = last or value
+                row.title = values[0]
             elif target == "created_at":
-                row.created_at = value
+                row.created_at = values[0]
             elif target == "updated_at":
-                row.updated_at = value
-            elif target == "linkedin_url":
-                linkedin_url = value
-            elif target == "connected_on":
-                connected = value
-        if not row.display_name and (first or middle or last):
-            row.display_name = " ".join(p for p in (first, middle, last) if p)
-        if connected or linkedin_url:
-            text = "Connected on LinkedIn" + (f" on {connected}" if connected else "")
-            extra_notes.append(text + (f" ({linkedin_url})" if linkedin_url else ""))
-        if extra_notes:
-            row.notes = "\n".join(extra_notes)
+                row.updated_at = values[0]
+        if not row.display_name and (get("first_name") or get("middle_name") or get("last_name")):
+            row.display_name = " ".join(v[0] for v in (get("first_name"), get("middle_name"), get("last_name")) if v)
+        notes = get("notes")
+        connected, url = get("connected_on"), get("linkedin_url")
+        if connected or url:
+            text = "Connected on LinkedIn" + (f" on {connected[0]}" if connected else "")
+            notes = [*(notes or ()), text + (f" ({url[0]})" if url else "")]
+        if notes:
+            row.notes = notes[0] if len(notes) == 1 else "\n".join(notes)
         return row
 
 

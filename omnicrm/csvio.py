@@ -512,6 +512,7 @@ class Importer:
         self.width = len(source.header)
         self.region = options.region
         self.fts_trigger: _FtsPause | None = None
+        self.now_ts = self.db.ts(self.now)
 
     # -- driving --------------------------------------------------------------------------------
     def run(self) -> ImportSummary:
@@ -564,20 +565,20 @@ class Importer:
                                             f"missing: the row has {len(cells)} fields, the header {self.width}")])
             return None
         errors: list[tuple[str, str]] = []
-        for i, cell in enumerate(cells):
-            if "\x00" in cell:
-                errors.append((self.source.header[i] or str(i + 1), "contains a NUL character"))
-        if errors:
+        if "\x00" in "".join(cells):
+            errors = [(self.source.header[i] or str(i + 1), "contains a NUL character")
+                      for i, cell in enumerate(cells) if "\x00" in cell]
             self._reject(line, cells, errors)
             return None
         data = ext.extract(cells)
-        for attr, target, limit in (("display_name", "display_name", TEXT_MAX), ("company", "company", TEXT_MAX),
-                                    ("title", "title", TEXT_MAX), ("notes", "notes", NOTE_MAX)):
-            value = getattr(data, attr)
-            if value is not None and len(value) > limit:
-                errors.append((ext.column_of(target if target != "display_name" or
-                                             "display_name" in ext.first_column else "first_name"),
-                               f"longer than {limit:,} characters"))
+        if (data.notes and len(data.notes) > NOTE_MAX) or (data.display_name and len(data.display_name) > TEXT_MAX) \
+                or (data.company and len(data.company) > TEXT_MAX) or (data.title and len(data.title) > TEXT_MAX):
+            for attr, limit in (("display_name", TEXT_MAX), ("company", TEXT_MAX), ("title", TEXT_MAX),
+                                ("notes", NOTE_MAX)):
+                value = getattr(data, attr)
+                if value is not None and len(value) > limit:
+                    column = attr if attr in ext.first_column or attr != "display_name" else "first_name"
+                    errors.append((ext.column_of(column), f"longer than {limit:,} characters"))
         emails: list[str] = []
         for value in data.emails:
             email = value.strip().lower()
@@ -732,7 +733,11 @@ class Importer:
 
     # -- writing --------------------------------------------------------------------------------
     def _write(self, touched: list[_Target]) -> None:
-        db, uid, ts = self.db, self.user_id, self.db.ts
+        db, uid = self.db, self.user_id
+        now, now_ts_value = self.now, self.now_ts
+
+        def ts(value: datetime):
+            return now_ts_value if value is now else db.ts(value)
         new = [t for t in touched if t.new]
         for t, cid in zip(new, db.new_ids("contacts", len(new))):
             t.id = cid
