@@ -275,6 +275,7 @@ def _after_fork_in_child() -> None:
     # Threads and connections do not survive fork(): start afresh in a forked worker process.
     global _keeper
     _keeper = _LeaseKeeper()
+    _sqlite_write_locks.clear()
     from omnicrm import db, queue
 
     for engine in list(db._engines.values()):
@@ -322,6 +323,7 @@ _CLAIM = (update(_T)
                   started_at=bindparam("b_now3", type_=_T.c.run_after.type), finished_at=None)
           .returning(_T.c.kind, _T.c.payload, _T.c.attempts, _T.c.max_attempts, _T.c.user_id))
 _user_names: dict[tuple[str, int], str] = {}
+_sqlite_write_locks: dict[str, threading.Lock] = {}
 
 
 @contextmanager
@@ -336,9 +338,14 @@ def _write(settings: Settings) -> Iterator[Connection]:
 
     url = settings.database_url
     engine = db.get_engine(url) if url in db._migrated else db.ready_engine(settings)
-    with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
             conn.exec_driver_sql("SET LOCAL synchronous_commit TO off")
+            yield conn
+        return
+    # SQLite has one writer at a time: threads of this process queue on a lock (woken at once)
+    # rather than in SQLite's busy handler, which sleeps in growing steps.
+    with _sqlite_write_locks.setdefault(url, threading.Lock()), engine.begin() as conn:
         yield conn
 
 

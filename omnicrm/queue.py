@@ -76,6 +76,21 @@ def _job_message_serializer():
     return JobMessageSerializer()
 
 
+def _sqlite_queue_storage():
+    from huey.storage import SqliteStorage
+
+    class SqliteQueueStorage(SqliteStorage):
+        """WAL with synchronous=NORMAL: no fsync per message (Huey offers only FULL or OFF). A power
+        loss may forget the last messages, never corrupt the file; the reaper re-delivers them."""
+
+        def _create_connection(self):
+            conn = super()._create_connection()
+            conn.execute("pragma synchronous=NORMAL")
+            return conn
+
+    return SqliteQueueStorage
+
+
 def _pg_queue_connection(dsn: str):
     """A queue connection that does not wait for the WAL flush on commit: a message lost in a
     database crash is re-delivered by the reaper (the jobs table is the source of truth)."""
@@ -126,7 +141,8 @@ class JobQueue:
                 from huey import SqliteHuey
 
                 path = ensure_private_file(__import__("pathlib").Path(url[len("sqlite:///"):]))
-                return _no_revoke(SqliteHuey)(name, filename=str(path), timeout=30, **common)
+                return _no_revoke(SqliteHuey)(name, filename=str(path), timeout=30,
+                                              storage_class=_sqlite_queue_storage(), **common)
             if self.backend == "postgresql":
                 from huey import PostgresHuey
 
