@@ -430,7 +430,10 @@ class _Db:
         return self.cur.fetchall()
 
     def select_in(self, sql: str, head: tuple, values: list) -> list[tuple]:
-        """`sql` has one `IN_LIST` placeholder for `values`, after the `head` parameters."""
+        """`sql` has one `IN_LIST` placeholder for `values`, after the `head` parameters.
+
+        (`+user_id` in these queries keeps SQLite off the (user_id, …) indexes, which would scan every
+        row of the user instead of looking up the few contact ids.)"""
         if not values:
             return []
         if self.pg:
@@ -635,26 +638,26 @@ class Importer:
         targets: dict[int, _Target] = {}
         for cid, name, company, title, manual, created, updated, last in db.select_in(
                 "SELECT id, display_name, company, title, manual_fields, created_at, updated_at, "
-                "last_interaction_at FROM contacts WHERE user_id = ? AND id IN_LIST", (uid,), id_list):
+                "last_interaction_at FROM contacts WHERE +user_id = ? AND id IN_LIST", (uid,), id_list):
             targets[cid] = _Target(id=cid, new=False, name=name, company=company, title=title,
                                    manual=filter(None, (manual or "").split(",")), created_at=_aware(created),
                                    updated_at=_aware(updated), last_at=_aware(last))
         for cid, email, pos in db.select_in("SELECT contact_id, email, position FROM contact_emails "
-                                            "WHERE user_id = ? AND contact_id IN_LIST ORDER BY contact_id, position",
+                                            "WHERE +user_id = ? AND contact_id IN_LIST ORDER BY contact_id, position",
                                             (uid,), id_list):
             t = targets[cid]
             t.emails.append(email)
             t.next_email_pos = max(t.next_email_pos, pos + 1)
         for cid, raw, e164, pos in db.select_in("SELECT contact_id, raw, e164, position FROM contact_phones "
-                                                "WHERE user_id = ? AND contact_id IN_LIST ORDER BY contact_id, position",
+                                                "WHERE +user_id = ? AND contact_id IN_LIST ORDER BY contact_id, position",
                                                 (uid,), id_list):
             t = targets[cid]
             t.phones.append((raw, e164))
             t.next_phone_pos = max(t.next_phone_pos, pos + 1)
         for cid, name in db.select_in("SELECT ct.contact_id, t.name FROM contact_tags ct JOIN tags t ON "
-                                      "t.id = ct.tag_id WHERE t.user_id = ? AND ct.contact_id IN_LIST", (uid,), id_list):
+                                      "t.id = ct.tag_id WHERE +t.user_id = ? AND ct.contact_id IN_LIST", (uid,), id_list):
             targets[cid].tags.append(name)
-        for cid, body in db.select_in("SELECT contact_id, body FROM notes WHERE user_id = ? AND contact_id IN_LIST",
+        for cid, body in db.select_in("SELECT contact_id, body FROM notes WHERE +user_id = ? AND contact_id IN_LIST",
                                       (uid,), id_list):
             targets[cid].notes.append(body)
         index: dict[str, _Target] = {}
@@ -844,11 +847,22 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
     db.cur.execute("PRAGMA cache_size = -65536")
     importer.fts_trigger = _FtsPause.start(db)
     try:
-        return importer.run()
-    finally:
-        if importer.fts_trigger:
-            importer.fts_trigger.restore()
-        db.cur.execute("PRAGMA cache_size = -2000")
+        summary = importer.run()
+    except BaseException:
+        try:  # the caller rolls back anyway (the drop too); do not hide the real error
+            _restore_sqlite(importer)
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+    _restore_sqlite(importer)
+    return summary
+
+
+def _restore_sqlite(importer: Importer) -> None:
+    if importer.fts_trigger:
+        importer.fts_trigger.restore()
+        importer.fts_trigger = None
+    importer.db.cur.execute("PRAGMA cache_size = -2000")
 
 
 class _FtsPause:
