@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Iterable, Iterator, Sequence
 
@@ -330,6 +330,8 @@ def list_contacts(session: Session, user_id: int, flt: ContactFilter, *, sort: s
     flt = resolve_tags(session, user_id, flt.validate())
     ids = apply_filter(select(Contact.id), user_id, flt, now)
     total, exact = count_matches(session, ids, page=page, page_size=page_size)
+    if not exact and not flt.empty:
+        flt = replace(flt, many=True)  # walk the sort index rather than fetch every match
     stmt = _eager(apply_filter(select(Contact), user_id, flt, now)).order_by(*ordering)
     items = list(session.scalars(stmt.limit(page_size).offset((page - 1) * page_size)))
     return Page(items=items, total=total, page=page, page_size=page_size, exact=exact)

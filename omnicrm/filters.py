@@ -25,6 +25,8 @@ class ContactFilter:
     # The ids of `tags` looked up beforehand (resolve_tags): a literal tag id lets PostgreSQL estimate
     # each tag's size from its statistics and pick the right plan for rare and common tags alike.
     tag_ids: tuple[int, ...] | None = None
+    # Known to match many contacts (list_contacts' capped count overflowed): see search_index.not_driving.
+    many: bool = False
 
     @property
     def empty(self) -> bool:
@@ -92,19 +94,24 @@ def _like_pattern(term: str) -> str:
     return f"%{escaped}%"
 
 
-def search_clause(term: str):
+def search_clause(term: str, many: bool = False):
     """`search_text` contains the folded `term`: FTS5 trigram on SQLite, LIKE + pg_trgm GIN on PostgreSQL,
     a LIKE scan where no index exists or the term is shorter than a trigram (omnicrm/search_index.py)."""
     from omnicrm.search_index import search_match
 
-    return search_match(term)
+    return search_match(term, many)
 
 
 def apply_filter(stmt: Select, user_id: int, flt: ContactFilter, now: datetime) -> Select:
     """Restrict `stmt` (selecting from contacts) to the acting user and the filter."""
+    from sqlalchemy import and_
+    from sqlalchemy.orm import aliased
+
+    from omnicrm.search_index import not_driving
+
     stmt = stmt.where(Contact.user_id == user_id)
     if flt.search:
-        stmt = stmt.where(search_clause(search_term(flt.search)))
+        stmt = stmt.where(search_clause(search_term(flt.search), flt.many))
     if flt.created:
         start, end = created_range(flt.created, now)
         if start:
@@ -112,8 +119,11 @@ def apply_filter(stmt: Select, user_id: int, flt: ContactFilter, now: datetime) 
         if end:
             stmt = stmt.where(Contact.created_at < end)
     if flt.tag_ids is not None:
+        # A join on the (contact_id, tag_id) key: streams (a count can stop early), no duplicates.
         for tag_id in flt.tag_ids:
-            stmt = stmt.where(Contact.id.in_(select(ContactTag.contact_id).where(ContactTag.tag_id == tag_id)))
+            tagged = aliased(ContactTag)
+            stmt = stmt.join(tagged, and_(tagged.contact_id == not_driving(Contact.id, flt.many),
+                                          tagged.tag_id == tag_id))
     for tag in flt.tags if flt.tag_ids is None else ():
         tagged = (select(ContactTag.contact_id).join(Tag, Tag.id == ContactTag.tag_id)
                   .where(Tag.user_id == user_id, Tag.name == normalise_tag(tag)))

@@ -193,8 +193,11 @@ def _compile_sqlite(element: SearchMatch, compiler, **kw) -> str:
 _fts = table(FTS_TABLE, column("rowid"), column("search_text"))
 
 
-def search_match(term: str) -> SearchMatch:
-    """The WHERE clause for "search text contains the (already folded) term"."""
+def search_match(term: str, many: bool = False) -> SearchMatch:
+    """The WHERE clause for "search text contains the (already folded) term".
+
+    `many`: the term is known to match many contacts (the capped count hit its cap); see `not_driving`.
+    """
     from omnicrm.models import Contact
 
     like = Contact.search_text.like(like_pattern(term), escape="\\")
@@ -202,9 +205,41 @@ def search_match(term: str) -> SearchMatch:
     if len(term) >= MIN_INDEXED_CHARS:
         matches = select(_fts.c.rowid).where(
             _fts.c.search_text.op("MATCH")(fts_phrase(term)))
-        fts = Contact.id.in_(matches)
+        fts = not_driving(Contact.id, many).in_(matches)
     return SearchMatch(like, fts)
 
+
+class _NotDriving(ColumnElement):
+    """A column SQLite must not use an index of to drive the query: rendered `+col` there, `col` elsewhere."""
+
+    inherit_cache = True
+    _traverse_internals = [("col", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, col):
+        self.col = col
+        self.type = col.type
+
+
+@compiles(_NotDriving)
+def _compile_plain(element: _NotDriving, compiler, **kw) -> str:
+    return compiler.process(element.col, **kw)
+
+
+@compiles(_NotDriving, "sqlite")
+def _compile_plus(element: _NotDriving, compiler, **kw) -> str:
+    return "+" + compiler.process(element.col, **kw)
+
+
+def not_driving(column, many: bool = False):
+    """`column`, or `+column` on SQLite when the filter is known to match many contacts.
+
+    SQLite fetches the matches of an FTS or tag filter by id and sorts them: right for a few hundred,
+    slow for 100,000 (a lookup per match). When `many` (list_contacts' capped count overflowed), the id
+    is written `+contacts.id`, which SQLite cannot use to drive the query: it walks the ordered
+    (user_id, created_at, id) index instead and stops after one page. PostgreSQL estimates both cases
+    itself and gets the plain column.
+    """
+    return _NotDriving(column) if many else column
 
 
 # --- indexes for listing ------------------------------------------------------------------------

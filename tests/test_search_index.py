@@ -252,3 +252,28 @@ def test_count_is_exact_up_to_the_cap_then_a_lower_bound(session, cli):
     shown = cli("contacts", "list", "--search", "bulk", "--page-size", "5")
     assert shown.exit_code == 0, shown.stderr
     assert f"page 1 of {cap // 5}+ · {cap}+ contacts" in shown.stderr
+
+
+def test_pages_are_the_same_whichever_plan(session):
+    """Many matches (count past the cap: the sort index drives) or few (the matches drive): same pages."""
+    from omnicrm.models import ContactTag, Tag
+    from omnicrm.filters import order_by
+
+    uid = user_id(session, "plans")
+    cap = search_index.COUNT_CAP
+    session.execute(insert(Contact), [{"user_id": uid, "display_name": f"Wide {i}", "search_text": f"wide {i}"}
+                                      for i in range(cap + 30)])
+    tag = Tag(user_id=uid, name="odd")
+    session.add(tag)
+    session.flush()
+    ids = session.scalars(select(Contact.id).where(Contact.user_id == uid).order_by(Contact.id)).all()
+    session.execute(insert(ContactTag), [{"contact_id": cid, "tag_id": tag.id} for cid in ids[1:]])
+    session.commit()
+    for flt in (ContactFilter(search="wide"), ContactFilter(tags=("odd",)), ContactFilter(search="wide 1", tags=("ODD",)),
+                ContactFilter(tags=("odd", "nosuch"))):
+        expected = session.scalars(
+            select(Contact.id).where(Contact.id.in_(svc.matching_ids(session, uid, flt)))
+            .order_by(*order_by("created", "desc")).limit(50)).all()
+        page = svc.list_contacts(session, uid, flt, page_size=50)
+        assert [c.id for c in page.items] == list(expected), flt
+        assert page.total == min(len(svc.matching_ids(session, uid, flt)), cap)
