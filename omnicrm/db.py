@@ -28,6 +28,24 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
+def _use_wal(cur) -> None:
+    """Switch a new database file to WAL. The switch needs an exclusive lock and SQLite reports
+    "database is locked" at once (no busy wait) when processes open a brand-new file together: retry."""
+    import sqlite3
+    import time
+
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     # pysqlite's own transaction handling is disabled so that every transaction starts with
     # BEGIN IMMEDIATE: a writer waits for the busy timeout instead of failing on lock upgrade.
@@ -37,7 +55,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
         cur.execute("PRAGMA foreign_keys = ON")
-        cur.execute("PRAGMA journal_mode = WAL")
+        _use_wal(cur)
         cur.execute("PRAGMA synchronous = NORMAL")
         # Reads through a memory map: no read() call per page for index lookups on big tables.
         cur.execute("PRAGMA mmap_size = 1073741824")

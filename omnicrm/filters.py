@@ -45,15 +45,14 @@ class ContactFilter:
         return self
 
 
-def _local_midnight(day: date, tz) -> datetime:
-    return datetime.combine(day, time.min).replace(tzinfo=tz).astimezone(timezone.utc)
+def _local_midnight(day: date) -> datetime:
+    # The zone's offset on `day` itself (a month that began in winter time starts at the winter offset).
+    return datetime.combine(day, time.min).astimezone().astimezone(timezone.utc)
 
 
 def created_range(spec: str, now: datetime) -> tuple[datetime | None, datetime | None]:
     """[start, end) in UTC for `today|week|month|quarter|year|FROM..TO` (calendar periods, local time)."""
-    local = now.astimezone()
-    tz = local.tzinfo
-    today = local.date()
+    today = now.astimezone().date()
     spec = spec.strip()
     if spec in PERIODS:
         if spec == "today":
@@ -66,7 +65,7 @@ def created_range(spec: str, now: datetime) -> tuple[datetime | None, datetime |
             start = today.replace(month=3 * ((today.month - 1) // 3) + 1, day=1)
         else:
             start = today.replace(month=1, day=1)
-        return _local_midnight(start, tz), None
+        return _local_midnight(start), None
     if ".." not in spec:
         raise InvalidInput(f"--created: {spec!r} is not one of {', '.join(PERIODS)} or FROM..TO (ISO dates)")
     left, right = spec.split("..", 1)
@@ -79,8 +78,11 @@ def created_range(spec: str, now: datetime) -> tuple[datetime | None, datetime |
         raise InvalidInput(f"--created: {spec!r} ends before it starts")
     if not start and not end:
         raise InvalidInput("--created: FROM..TO needs at least one date")
-    return (_local_midnight(start, tz) if start else None,
-            _local_midnight(end + timedelta(days=1), tz) if end else None)
+    try:
+        return (_local_midnight(start) if start else None,
+                _local_midnight(end + timedelta(days=1)) if end else None)
+    except (OverflowError, ValueError, OSError):
+        raise InvalidInput(f"--created: {spec!r} is out of range") from None
 
 
 def search_term(query: str) -> str:
