@@ -147,12 +147,13 @@ def test_all_users_share_one_database(cli, google):
 
 def test_enqueue_then_a_real_worker_runs_the_three_sources_in_parallel(cli, google, omnicrm_cmd):
     connect_user(google.settings, "default", google.oauth)
-    google.api.latency = 0.03
-    result = omnicrm_cmd("sync", "run", "--enqueue")
-    assert result.returncode == 0, result.stderr
-    assert "queued 3 sync job(s)" in result.stderr
-    again = omnicrm_cmd("sync", "run", "--enqueue")  # still queued: nothing new
-    assert again.returncode == 0 and count(google.settings, Job) == 3
+    google.api.latency = 0.01
+    # What the README's crontab line runs (quiet: cron mails nothing unless something failed).
+    result = omnicrm_cmd("--quiet", "sync", "run", "--all-users", "--enqueue")
+    assert (result.returncode, result.stderr) == (0, "")
+    again = cli("sync", "run", "--enqueue")  # still queued: nothing new
+    assert again.exit_code == 0 and "queued 3 sync job(s)" in again.stderr
+    assert count(google.settings, Job) == 3
     status = json.loads(cli("sync", "status", "--format", "json").stdout)
     assert all(row["job"] and row["job"].endswith("queued") for row in status)
     worker = omnicrm_cmd("worker", "--once", "--workers", "3", timeout=120)
@@ -166,12 +167,3 @@ def test_enqueue_then_a_real_worker_runs_the_three_sources_in_parallel(cli, goog
     # In parallel: every job started before any of them finished.
     assert max(j.started_at for j in jobs) < min(j.finished_at for j in jobs)
     assert count(google.settings, Interaction, kind="meeting") == 10
-
-
-def test_cron_style_subprocess_exit_code(google, omnicrm_cmd):
-    result = omnicrm_cmd("--quiet", "sync", "run", "--all-users")
-    assert result.returncode == 0 and result.stderr == ""  # nobody connected: nothing to do
-    connect_user(google.settings, "default", google.oauth)
-    result = omnicrm_cmd("--quiet", "sync", "run", "--source", "gmail")
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
