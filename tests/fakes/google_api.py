@@ -473,6 +473,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.api.counts[f"requests.{_source_of(self.path, body)}"] += 1
 
     def do_GET(self) -> None:
+        if self.path.startswith("/__fake__/"):  # out-of-band control for a fake in another process
+            if self.path == "/__fake__/reset":
+                self.api.reset_counts()
+            self._send(200, json.dumps(dict(self.api.counts)).encode(), "application/json")
+            return
         self._count()
         if self.api.latency:
             time.sleep(self.api.latency)
@@ -506,6 +511,17 @@ class _Handler(BaseHTTPRequestHandler):
 
 def now_ms() -> int:
     return int(datetime.now(timezone.utc).timestamp() * 1000)
+
+
+def serve_in_process(root_queue, stop_event, *, latency: float = 0.0, email: str = "me@example.com",
+                     **data) -> None:
+    """Target of a multiprocessing.Process: populate, serve, put the root URL on `root_queue`, wait for
+    `stop_event` (benchmarks keep the fake off the client's interpreter lock this way)."""
+    fake = FakeGoogleApi(email=email, latency=latency)
+    populate(fake, **data)
+    with fake:
+        root_queue.put(fake.root)
+        stop_event.wait()
 
 
 # --- helpers for tests and benchmarks -------------------------------------------------------------
