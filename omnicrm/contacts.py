@@ -45,7 +45,7 @@ def record(contact: Contact, now: datetime | None = None) -> dict:
         "phone": [p.value for p in contact.phones],
         "company": contact.company,
         "title": contact.title,
-        "tags": [t.name for t in contact.tags],
+        "tags": sorted(t.name for t in contact.tags),
         "notes": "\n".join(n.body for n in contact.notes) or None,
         "created_at": contact.created_at,
         "updated_at": contact.updated_at,
