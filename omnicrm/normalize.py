@@ -57,7 +57,13 @@ def to_e164(raw: str, region: str = "US") -> str | None:
         return None
     if not phonenumbers.is_possible_number(number):
         return None
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    # Degenerate numbers ("000000" in DE → +4900000 → +490000) do not survive a second parse: keep the raw
+    # text for those, so normalising is idempotent and an exported phone re-imports as itself.
+    if e164 != raw and phonenumbers.format_number(phonenumbers.parse(e164, region.upper()),
+                                                  phonenumbers.PhoneNumberFormat.E164) != e164:
+        return None
+    return e164
 
 
 def search_text(name: str | None, company: str | None, emails: list[str], phones: list[tuple[str, str | None]]) -> str:
