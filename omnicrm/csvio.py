@@ -37,6 +37,7 @@ from omnicrm.normalize import fold, is_valid_email, search_text, to_e164
 EXPORT_COLUMNS = list(formats.NATIVE_COLUMNS)
 EXPORT_BATCH = 5000
 IMPORT_BATCH = 5000
+PARSE_PROCESS_MIN_BYTES = 4 * 1024 * 1024  # smaller inputs are parsed inline (a fork costs ~10 ms)
 SAMPLE_BYTES = 64 * 1024
 FIELD_LIMIT = 16 * 1024 * 1024  # a larger field is a broken file, not a contact
 TEXT_MAX = 10_000
@@ -401,7 +402,7 @@ class _Target:
 @dataclass(slots=True)
 class _Row:
     line: int
-    cells: list[str]
+    cells: list[str] | None
     data: formats.RowData
     emails: list[str]
     phones: list[tuple[str, str | None]]
@@ -516,19 +517,95 @@ class Importer:
         self.region = options.region
         self.fts_trigger: _FtsPause | None = None
         self.now_ts = self.db.ts(self.now)
+        self.keep_cells = on_reject is not None  # original cells are only needed for the rejects file
+        self._pending_rejects: list[tuple] = []
 
     # -- driving --------------------------------------------------------------------------------
     def run(self) -> ImportSummary:
+        for count, rows, rejects, consumed in self._parsed():
+            self.summary.rows += count
+            for line, cells, errors in rejects:
+                self._reject(line, cells, errors)
+            self._batch(rows)
+            if self.on_progress:
+                self.on_progress(consumed)
+        return self.summary
+
+    # -- parsing: inline, or in a forked process while this one writes ---------------------------
+    def _record_batches(self) -> Iterator[list[tuple[int, list[str]]]]:
         batch: list[tuple[int, list[str]]] = []
         size = self.opts.batch_size
         for record in self.source.records():
             batch.append(record)
             if len(batch) >= size:
-                self._batch(batch)
+                yield batch
                 batch = []
         if batch:
-            self._batch(batch)
-        return self.summary
+            yield batch
+
+    def _parse_batch(self, batch: list[tuple[int, list[str]]]) -> tuple[int, list[_Row], list[tuple], int]:
+        self._pending_rejects: list[tuple] = []
+        rows = [row for row in (self._parse(line, cells) for line, cells in batch) if row is not None]
+        return len(batch), rows, self._pending_rejects, self.source.bytes_read
+
+    def _parsed(self) -> Iterator[tuple[int, list[_Row], list[tuple], int]]:
+        total = self.source.total_bytes
+        if (hasattr(os, "fork") and os.environ.get("OMNICRM_CSV_PARSE_PROCESS", "1") != "0"
+                and (total is None or total >= PARSE_PROCESS_MIN_BYTES)):
+            yield from self._parsed_in_process()
+        else:
+            for batch in self._record_batches():
+                yield self._parse_batch(batch)
+
+    def _parsed_in_process(self) -> Iterator[tuple[int, list[_Row], list[tuple], int]]:
+        """Reading, decoding, validating and phone parsing run in a forked child (the second core), which
+        sends parsed batches through a pipe; this process only merges and writes."""
+        import multiprocessing
+        import signal
+
+        receiver, sender = multiprocessing.Pipe(duplex=False)
+        # A bare fork (not multiprocessing.Process, which would close the inherited stdin in the child).
+        pid = os.fork()
+        if pid == 0:  # the child: parse, send, and leave without running any of the parent's cleanup
+            try:
+                receiver.close()
+                self._parse_process(sender)
+            finally:
+                os._exit(0)
+        sender.close()
+        try:
+            while True:
+                try:
+                    item = receiver.recv()
+                except EOFError:
+                    raise OmniCrmError("the CSV reader process ended unexpectedly") from None
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            receiver.close()
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+
+    def _parse_process(self, sender) -> None:
+        try:
+            for batch in self._record_batches():
+                sender.send(self._parse_batch(batch))
+            sender.send(None)
+        except BrokenPipeError:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the parent
+            try:
+                sender.send(exc if isinstance(exc, OmniCrmError) else OmniCrmError(f"reading the CSV: {exc}"))
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            sender.close()
 
     def _reject(self, line: int, cells: list[str], errors: list[tuple[str, str]]) -> None:
         self.summary.rejected += 1
@@ -545,33 +622,31 @@ class Importer:
                           "email": None, "detail": "; ".join(f"column {c}: {r}" for c, r in errors)})
 
     # -- one batch ------------------------------------------------------------------------------
-    def _batch(self, batch: list[tuple[int, list[str]]]) -> None:
-        self.summary.rows += len(batch)
-        rows = [row for row in (self._parse(line, cells) for line, cells in batch) if row is not None]
+    def _batch(self, rows: list[_Row]) -> None:
         owners = self._owners(rows)
         index = self._load_targets(set(owners.values()))
         touched: list[_Target] = []
         for row in rows:
             self._apply(row, owners, index, touched)
         self._write(touched)
-        if self.on_progress:
-            self.on_progress(self.source.bytes_read)
 
     def _parse(self, line: int, cells: list[str]) -> _Row | None:
         ext = self.extractor
         if len(cells) != self.width:
             if len(cells) > self.width:
-                self._reject(line, cells, [(str(self.width + 1), f"unexpected extra field: the row has "
-                                            f"{len(cells)} fields, the header {self.width}")])
+                self._pending_rejects.append((line, cells if self.keep_cells else [], [(
+                    str(self.width + 1), f"unexpected extra field: the row has "
+                                            f"{len(cells)} fields, the header {self.width}")]))
             else:
-                self._reject(line, cells, [(self.source.header[len(cells)] or str(len(cells) + 1),
-                                            f"missing: the row has {len(cells)} fields, the header {self.width}")])
+                self._pending_rejects.append((line, cells if self.keep_cells else [], [(
+                    self.source.header[len(cells)] or str(len(cells) + 1),
+                                            f"missing: the row has {len(cells)} fields, the header {self.width}")]))
             return None
         errors: list[tuple[str, str]] = []
         if "\x00" in "".join(cells):
             errors = [(self.source.header[i] or str(i + 1), "contains a NUL character")
                       for i, cell in enumerate(cells) if "\x00" in cell]
-            self._reject(line, cells, errors)
+            self._pending_rejects.append((line, cells if self.keep_cells else [], errors))
             return None
         data = ext.extract(cells)
         if (data.notes and len(data.notes) > NOTE_MAX) or (data.display_name and len(data.display_name) > TEXT_MAX) \
@@ -619,9 +694,9 @@ class Importer:
                 ext.column_of("first_name") if "first_name" in ext.first_column else ext.column_of("email"))
             errors.append((column, "a contact needs a name or an email"))
         if errors:
-            self._reject(line, cells, errors)
+            self._pending_rejects.append((line, cells if self.keep_cells else [], errors))
             return None
-        return _Row(line, cells, data, emails, phones, tags, created, updated)
+        return _Row(line, cells if self.keep_cells else None, data, emails, phones, tags, created, updated)
 
     def _owners(self, rows: list[_Row]) -> dict[str, int]:
         """Existing contacts (this user's) owning any email of the batch."""

@@ -279,3 +279,12 @@ def test_commands_have_help(cli):
     for command in ("export", "import"):
         result = cli("contacts", command, "--help")
         assert result.exit_code == 0 and len(result.stdout) > 200
+
+
+def test_stdin_errors_found_by_the_reader_process(omnicrm_cmd):
+    rows = "".join(f"P{i},p{i}@example.com\n" for i in range(2000))
+    broken = omnicrm_cmd("contacts", "import", "-", input="display_name,email\n" + rows + '"Open,quote@example.com\n')
+    assert broken.returncode == 2 and "line 2002: a quoted field is never closed" in broken.stderr
+    bad = omnicrm_cmd("contacts", "import", "-", input="display_name,email\n" + rows + "X,bad@\n")
+    assert bad.returncode == 2 and "line 2002, column email: 'bad@' is not a valid email address" in bad.stderr
+    assert omnicrm_cmd("contacts", "export", "--format", "jsonl").stdout == ""
