@@ -127,9 +127,9 @@ def delete(
         else:
             ids = svc.matching_ids(session, uid, flt)
         if dry_run:
-            emit(st, (svc.record(c) for c in svc.iter_contacts(session, uid, flt) if c.id in set(ids)) if not refs
-                 else (svc.record(svc.resolve(session, uid, str(i))) for i in ids),
-                 svc.TABLE_FIELDS, st.fmt(fmt))
+            matches = (svc.iter_contacts(session, uid, flt) if not refs
+                       else (svc.resolve(session, uid, str(i)) for i in ids))
+            emit(st, (svc.record(c) for c in matches), svc.TABLE_FIELDS, st.fmt(fmt))
             st.info(f"would delete {len(ids)} contact(s)")
             return
         if not refs and ids:
