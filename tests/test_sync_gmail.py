@@ -89,6 +89,7 @@ def msg(headers, labels=("INBOX",)):
     ({"From": "ann@x.org", "To": ME, "Auto-Submitted": "auto-replied"}, ["INBOX"]),
     ({"From": "ann@x.org", "To": ME}, ["SPAM"]),
     ({"From": "ann@x.org", "To": ME}, ["TRASH", "INBOX"]),
+    ({"From": ME, "To": "ann@x.org"}, ["DRAFT"]),
 ])
 def test_excluded_messages(headers, labels):
     assert message_summary(msg(headers, labels), {ME}) is None

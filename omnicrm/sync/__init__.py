@@ -23,6 +23,7 @@ from omnicrm.models import Contact, Credential, Interaction, Job, SyncState, Use
 log = logging.getLogger("omnicrm.sync")
 
 SOURCES = ("gmail", "calendar", "contacts")
+FOREGROUND_WORKERS = 9  # three users' three sources at once under `sync run --all-users`
 KIND_PREFIX = "sync:"
 
 
@@ -246,7 +247,9 @@ def run_sync(settings: Settings, *, sources: Iterable[str] | None = None, full: 
     if enqueue:
         jobs.deliver(settings, [r["job_id"] for r in report.rows if r["job_id"] and r["status"] == "queued"])
         return report
-    finished = {job.id: job for job in jobs.run_foreground(settings, job_ids, workers or max(1, len(job_ids)))}
+    # At most FOREGROUND_WORKERS at once: each holds a database connection (the pool has 15).
+    parallel = workers or max(1, min(len(job_ids), FOREGROUND_WORKERS))
+    finished = {job.id: job for job in jobs.run_foreground(settings, job_ids, parallel)}
     for row in report.rows:
         job = finished.get(row["job_id"])
         if job is None:

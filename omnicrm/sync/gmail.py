@@ -30,7 +30,7 @@ AUTOMATED_LOCAL_PARTS = frozenset({
     "noreply", "no-reply", "no_reply", "donotreply", "do-not-reply", "do_not_reply", "notifications",
     "mailer-daemon", "postmaster", "bounce", "bounces"})
 BULK_PRECEDENCE = frozenset({"bulk", "list", "junk"})
-EXCLUDED_LABELS = frozenset({"SPAM", "TRASH"})
+EXCLUDED_LABELS = frozenset({"SPAM", "TRASH", "DRAFT"})  # a draft was never sent to anyone
 NAME_SUFFIXES = frozenset({"jr", "jr.", "sr", "sr.", "ii", "iii", "iv", "phd", "ph.d.", "md", "m.d.", "esq",
                            "esq."})
 _registry = HeaderRegistry()
