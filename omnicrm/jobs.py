@@ -28,9 +28,9 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable, ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator, TypeVar
 
-from sqlalchemy import Connection, and_, bindparam, delete, exists, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, delete, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -39,6 +39,7 @@ from omnicrm.errors import AuthorizationNeeded, InvalidInput, NotFound, OmniCrmE
 from omnicrm.models import Job, User
 
 log = logging.getLogger("omnicrm.jobs")
+T = TypeVar("T")
 
 STATUSES = ("queued", "running", "done", "failed", "dead", "cancelled")
 ACTIVE = ("queued", "running")
@@ -215,12 +216,11 @@ class JobContext:
                 return
             stamp = current_time()
             try:
-                with _write(self.settings) as conn:
-                    renewed = conn.execute(
-                        update(_T).where(_T.c.id == self.job_id, _T.c.status == "running",
+                stmt = (update(_T).where(_T.c.id == self.job_id, _T.c.status == "running",
                                          _T.c.lease_owner == self.owner)
                         .values(lease_expires_at=stamp + timedelta(seconds=lease_seconds(self.settings)),
-                                heartbeat_at=stamp)).rowcount
+                                heartbeat_at=stamp))
+                renewed = _in_write(self.settings, lambda conn: conn.execute(stmt).rowcount)
             except Exception as exc:  # noqa: BLE001 - a database hiccup: try again on the next beat
                 log.warning("heartbeat for job %s failed: %s", self.job_id, type(exc).__name__)
                 return
@@ -328,25 +328,63 @@ _sqlite_write_locks: dict[str, threading.Lock] = {}
 
 @contextmanager
 def _write(settings: Settings) -> Iterator[Connection]:
-    """A short transaction for a job-state change.
+    """A connection for one job-state change (each is a single statement, or a short transaction).
 
-    On PostgreSQL it commits without waiting for the WAL flush (synchronous_commit off): a database
-    crash may forget the last fraction of a second of job-state changes, which only means a job runs
-    again (handlers are idempotent) — the application data written by handlers is not affected.
+    PostgreSQL: autocommit on a pool of its own (one round trip per change), committing without
+    waiting for the WAL flush (synchronous_commit off): a database crash may forget the last
+    fraction of a second of job-state changes, which only means a job runs again (handlers are
+    idempotent); data written by handlers is not affected. SQLite: one short BEGIN IMMEDIATE
+    transaction; threads of this process queue on a lock (woken at once) rather than in SQLite's
+    busy handler, which sleeps in growing steps.
     """
     from omnicrm import db
 
     url = settings.database_url
     engine = db.get_engine(url) if url in db._migrated else db.ready_engine(settings)
     if engine.dialect.name == "postgresql":
-        with engine.begin() as conn:
-            conn.exec_driver_sql("SET LOCAL synchronous_commit TO off")
+        with _state_engine(url).connect() as conn:
             yield conn
         return
-    # SQLite has one writer at a time: threads of this process queue on a lock (woken at once)
-    # rather than in SQLite's busy handler, which sleeps in growing steps.
     with _sqlite_write_locks.setdefault(url, threading.Lock()), engine.begin() as conn:
         yield conn
+
+
+def _in_write(settings: Settings, work: Callable[[Connection], T]) -> T:
+    """Run `work` in `_write`, once more if the pooled connection turned out to be dead (a restart)."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        with _write(settings) as conn:
+            return work(conn)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    with _write(settings) as conn:
+        return work(conn)
+
+
+def _state_engine(url: str) -> Engine:
+    """PostgreSQL: the autocommit, asynchronous-commit pool for job-state changes, sized for many
+    worker threads. Kept with the app's engines, so `db.dispose_engines()` disposes it too."""
+    from omnicrm import db
+
+    key = f"{url}#job-state"
+    with db._lock:
+        engine = db._engines.get(key)
+        if engine is None:
+            from sqlalchemy import create_engine, event
+
+            engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=16, max_overflow=48,
+                                   connect_args={"connect_timeout": 10})
+
+            @event.listens_for(engine, "connect")
+            def _async_commit(dbapi_conn, _record):
+                with dbapi_conn.cursor() as cur:
+                    cur.execute("SET synchronous_commit TO off")
+                dbapi_conn.commit()
+
+            db._engines[key] = engine
+        return engine
 
 
 def _user_name(settings: Settings, conn: Connection, user_id: int) -> str:
@@ -368,22 +406,27 @@ def claim(settings: Settings, job_id: int, owner: str, *, now: datetime | None =
     stamp = now or current_time()
     params = {"b_id": job_id, "b_now": stamp, "b_now2": stamp, "b_now3": stamp, "b_owner": owner,
               "b_expires": stamp + timedelta(seconds=lease_seconds(settings))}
+
+    def take(conn: Connection) -> JobContext | None:
+        row = conn.execute(_CLAIM, params).first()
+        if row is None:
+            return None
+        kind, payload, attempts, max_attempts, uid = row
+        return JobContext(job_id=job_id, kind=kind, payload=dict(payload or {}), attempt=attempts, user_id=uid,
+                          user_name=_user_name(settings, conn, uid), settings=settings, owner=owner,
+                          max_attempts=max_attempts)
+
     try:
-        with _write(settings) as conn:
-            row = conn.execute(_CLAIM, params).first()
-            if row is not None:
-                kind, payload, attempts, max_attempts, uid = row
-                ctx = JobContext(job_id=job_id, kind=kind, payload=dict(payload or {}), attempt=attempts,
-                                 user_id=uid, user_name=_user_name(settings, conn, uid), settings=settings,
-                                 owner=owner, max_attempts=max_attempts)
-                return ctx, None
+        ctx = _in_write(settings, take)
+        if ctx is not None:
+            return ctx, None
     except IntegrityError:  # lost a race for the exclusive key with a concurrent claim
         pass
-    with _write(settings) as conn:
-        later = stamp + timedelta(seconds=exclusive_delay(settings))
-        bounced = conn.execute(update(_T).where(_T.c.id == job_id, _T.c.status == "queued",
-                                                _T.c.run_after <= stamp, _T.c.exclusive_key.is_not(None))
-                               .values(run_after=later, delivered_at=later)).rowcount
+    later = stamp + timedelta(seconds=exclusive_delay(settings))
+    bounced = _in_write(settings, lambda conn: conn.execute(
+        update(_T).where(_T.c.id == job_id, _T.c.status == "queued", _T.c.run_after <= stamp,
+                         _T.c.exclusive_key.is_not(None))
+        .values(run_after=later, delivered_at=later)).rowcount)
     return (None, later) if bounced == 1 else (None, None)
 
 
@@ -391,10 +434,8 @@ def _settle(settings: Settings, job_id: int, owner: str, **values) -> bool:
     """Write the end of an attempt if this claim still holds the lease."""
     values.setdefault("lease_owner", None)
     values.setdefault("lease_expires_at", None)
-    with _write(settings) as conn:
-        done = conn.execute(update(_T).where(_T.c.id == job_id, _T.c.status == "running",
-                                             _T.c.lease_owner == owner).values(**values)).rowcount
-    return done == 1
+    stmt = update(_T).where(_T.c.id == job_id, _T.c.status == "running", _T.c.lease_owner == owner).values(**values)
+    return _in_write(settings, lambda conn: conn.execute(stmt).rowcount) == 1
 
 
 def _plain_result(result) -> dict | None:
