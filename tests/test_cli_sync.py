@@ -167,3 +167,9 @@ def test_enqueue_then_a_real_worker_runs_the_three_sources_in_parallel(cli, goog
     # In parallel: every job started before any of them finished.
     assert max(j.started_at for j in jobs) < min(j.finished_at for j in jobs)
     assert count(google.settings, Interaction, kind="meeting") == 10
+
+
+def test_every_sync_command_has_help(cli):
+    for command in ("run", "preview", "status"):
+        result = cli("sync", command, "--help")
+        assert result.exit_code == 0 and len(result.stdout.split("\n\n")[1].strip()) > 20

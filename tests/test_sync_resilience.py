@@ -165,3 +165,19 @@ def test_kill_9_mid_sync_resumes_to_the_same_end_state(world, db_url, source, to
     assert resumed < (total if source == "gmail" else total // 10)  # it did not start over
     sync_user(session, settings, "control", source)
     assert snap(session, "victim") == snap(session, "control")
+
+
+def test_batch_endpoints_follow_the_api_root():
+    with FakeGoogleApi(email=ME) as fake:
+        settings = load_settings({"OMNICRM_GOOGLE_API_ROOT": fake.root + "/", "OMNICRM_HOME": "/nonexistent"})
+        assert clients.batch_uri("gmail", settings) == fake.root + "/batch"
+        assert clients.batch_uri("people", settings) == fake.root + "/batch"
+        assert clients.batch_uri("calendar", settings) == fake.root + "/batch/calendar/v3"
+        fake.put_event({"id": "e1", "start": {"date": "2024-01-01"}})
+        calendar = clients.build_service("calendar", "v3", Credentials(token="t"), settings)
+        got = clients.run_batch("calendar", settings, {
+            "a": calendar.events().list(calendarId="primary", singleEvents=True)})
+        assert got["a"]["items"][0]["id"] == "e1" and fake.counts["batch"] == 1
+        default = load_settings({"OMNICRM_HOME": "/nonexistent"})
+        assert clients.batch_uri("calendar", default) == "https://www.googleapis.com/batch/calendar/v3"
+        assert clients.batch_uri("gmail", default) == "https://gmail.googleapis.com/batch"

@@ -48,6 +48,8 @@ def run(
         result = row.get("result") or {}
         rows.append({**row, "contacts_created": result.get("contacts_created"),
                      "interactions_created": result.get("interactions_created")})
+    if not rows:
+        app_.info("nothing to sync: no user has connected Google (`omnicrm google connect`)")
     if fmt:  # asked for data: the outcome rows on stdout
         emit(app_, rows, RUN_FIELDS, app_.fmt(fmt))
     else:
