@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# `make demo`: the main job on the embedded default (SQLite database, SQLite queue), in a throw-away home.
+# Each step is a separate block; later steps (CSV import/export, a queued job) go in their own blocks below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OMNICRM=${OMNICRM:-"$PWD/.venv/bin/omnicrm"}
+OMNICRM_HOME=$(mktemp -d /tmp/omnicrm-demo.XXXXXX)
+export OMNICRM_HOME
+unset OMNICRM_DATABASE_URL OMNICRM_QUEUE_URL OMNICRM_USER OMNICRM_FORMAT OMNICRM_NOW
+trap 'rm -rf "$OMNICRM_HOME"' EXIT
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ omnicrm %s\n' "$*"; "$OMNICRM" "$@"; }
+
+# --- contacts --------------------------------------------------------------------------------
+step "Create the database (OMNICRM_HOME=$OMNICRM_HOME)"
+run init
+
+step "Add a few contacts"
+run contacts add --name "Zoë Adams" --email zoe@example.com --phone "+1 (415) 555-0101" --company Acme \
+    --tag customer --tag vip
+run contacts add --name "Émile Zola" --email emile@zola.fr --phone "+33 6 12 34 56 78" --tag author
+run contacts add --name "Bob Stone" --email bob@stone.io --company "Café Ltd" --tag customer
+run contacts add --name "Temp Person" --email temp@example.org --tag temp
+
+step "List them (table; the page footer goes to stderr)"
+run contacts list
+
+step "Search ignores case and accents, and phone formatting"
+run contacts list --search ZOE
+run contacts list --search emile --format json
+run contacts list --search 4155550101 --fields id,display_name,phone
+
+step "Filter by tag and sort"
+run contacts list --tag customer --sort name --order asc --format csv
+
+step "Tags"
+run tags list
+run tags rename customer client
+run tags list
+
+step "A note, a contact card and its timeline"
+run contacts note zoe@example.com "Call back about the renewal"
+run contacts show zoe@example.com
+run contacts timeline zoe@example.com --format jsonl
+
+step "Bulk delete: preview, then delete"
+run contacts delete --tag temp --dry-run
+run contacts delete --tag temp --yes
+run contacts list --fields id,display_name,tags
+
+# --- CSV import/export (added by the CSV work) ---------------------------------------------------
+
+# --- queued jobs and a worker (added by the jobs work) -------------------------------------------
+
+step "Done"
