@@ -218,12 +218,30 @@ def baseline(bench: dict, terms: list[str]) -> list[float]:
                      before=lambda s: s.connection().exec_driver_sql(f"DROP INDEX {search_index.PG_INDEX}"))
 
 
-def wall(cmd: list[str], env: dict, runs: int) -> list[float]:
+CPU_TIMES: dict[str, list[float]] = {}
+
+
+def installed_env(work: Path) -> dict:
+    """The environment of an installed tool: bytecode cached (here under `work`, not in the checkout)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    return env
+
+
+def wall(cmd: list[str], env: dict, runs: int, label: str | None = None) -> list[float]:
+    """Wall seconds per run; the CPU seconds (user + sys) of each run go to CPU_TIMES[label]."""
+    import resource
+
     times = []
     for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
         times.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if label:
+            CPU_TIMES.setdefault(label, []).append(
+                after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {result.stderr.strip()[:300]}")
     return times
@@ -237,14 +255,15 @@ def plans(bench: dict, broad_term: str) -> list[str]:
     from omnicrm.filters import ContactFilter, apply_filter, order_by, search_term
     from omnicrm.models import Contact
 
-    flt = ContactFilter(search=broad_term)
+    flt = ContactFilter(search=broad_term, many=True)  # the count passed the cap: the sort index drives
     with session_scope(bench["settings"]) as session:
         conn = session.connection()
         page = apply_filter(select(Contact.id), bench["uid"], flt, now()).order_by(*order_by("created", "desc")).limit(50)
-        count = select(func.count()).select_from(apply_filter(select(Contact.id), bench["uid"], flt, now()).subquery())
+        count = select(func.count()).select_from(apply_filter(select(Contact.id), bench["uid"], ContactFilter(
+            search=broad_term), now()).limit(10_001).subquery())
         default = select(Contact.id).where(Contact.user_id == bench["uid"]).order_by(*order_by("created", "desc")).limit(50)
         out = []
-        for label, stmt in (("search page", page), ("search count", count), ("default list", default)):
+        for label, stmt in (("search page", page), ("search count (capped)", count), ("default list", default)):
             sql = str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
             if conn.dialect.name == "sqlite":
                 rows = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}").all()
@@ -277,6 +296,7 @@ def run_engine(name: str, url: str, data, total: int, rng: random.Random, home: 
     for _ in range(20):
         start = date(2019, 1, 1) + timedelta(days=rng.randrange(days - 100))
         ranges.append(f"{start.isoformat()}..{(start + timedelta(days=rng.choice((7, 30, 90)))).isoformat()}")
+    time_list(bench, [{"created": "2020-02-02..2020-03-01"}, {"tags": ("nosuch",)}, {"tags": ("board",)}])  # warm-up
     range_times = time_list(bench, [{"created": r} for r in ranges])
     tag_times = time_list(bench, [{"tags": (t,)} for t, _ in searchdata.TAGS])
     default_times = time_list(bench, [{}] * 5)
@@ -285,14 +305,16 @@ def run_engine(name: str, url: str, data, total: int, rng: random.Random, home: 
                                  "created 90 days": {"created": ranges[0]}})
     log(f"[{name}] date ranges p95 {ms(pct(range_times, .95))} ms, tags p95 {ms(pct(tag_times, .95))} ms")
 
-    env = {**os.environ, "OMNICRM_DATABASE_URL": url, "OMNICRM_HOME": str(home), "OMNICRM_USER": "bench"}
+    env = {**installed_env(home.parent), "OMNICRM_DATABASE_URL": url, "OMNICRM_HOME": str(home),
+           "OMNICRM_USER": "bench"}
     exe = str(BIN / "omnicrm")
+    wall([exe, "contacts", "list", "--search", "warm"], env, 1)  # bytecode cached, OS caches warm
     runs = 3 if quick else 5
     cli_terms = [selective[i % len(selective)][0] for i in range(runs // 2 + 1)] + \
         [broad[i % len(broad)][0] for i in range(runs - runs // 2 - 1)]
     list_wall = []
     for term in cli_terms:
-        list_wall += wall([exe, "contacts", "list", "--search", term], env, 1)
+        list_wall += wall([exe, "contacts", "list", "--search", term], env, 1, label=f"list-{name}")
     bench["engine"].dispose()
     return {
         "load_s": bench["load_s"], "index_s": bench["index_s"],
@@ -307,7 +329,9 @@ def run_engine(name: str, url: str, data, total: int, rng: random.Random, home: 
         "default_list": {"p50_ms": ms(pct(default_times, .5)), "p95_ms": ms(pct(default_times, .95))},
         "count_ms": counts,
         "cli_list_search_s": {"runs": len(list_wall), "p50": round(pct(list_wall, .5), 3),
-                              "max": round(max(list_wall), 3)},
+                              "max": round(max(list_wall), 3),
+                              "cpu_p50": round(pct(CPU_TIMES[f"list-{name}"], .5), 3)},
+        "load_average": round(os.getloadavg()[0], 2),
         "plans": plans(bench, broad[0][0]),
         "sample_terms": {"selective": [t for t, _ in selective[:6]], "broad": [t for t, _ in broad[:6]]},
     }
@@ -353,15 +377,24 @@ def markdown(figures: dict, command: str) -> str:
     row("`--tag T` (12 tags, 0.05–10%): p95", "≤ 100 ms", lambda f: f["tag"]["p95_ms"], target_value=TARGETS["filter_p95_ms"])
     row("default list (no filter): p50", "–", lambda f: f["default_list"]["p50_ms"])
     for label in next(iter(figures[e]["count_ms"] for e in engines)):
-        row(f"count only: {label}", "–", lambda f, label=label: f["count_ms"][label])
+        row(f"uncapped count (what the {10000:,} cap avoids): {label}", "–",
+            lambda f, label=label: f["count_ms"][label])
     row("`omnicrm contacts list --search T` wall time: p50", "≤ 0.9 s", lambda f: f["cli_list_search_s"]["p50"], "s",
         target_value=TARGETS["list_search_s"])
     row("`omnicrm contacts list --search T` wall time: max", "–", lambda f: f["cli_list_search_s"]["max"], "s")
-    lines += ["", "| start-up (whole process, median of runs) | target | seconds |", "|---|---|---|",
-              f"| `omnicrm --help` | ≤ 0.25 s | {figures['help_s']} {ok(figures['help_s'], TARGETS['help_s'])} |",
-              f"| `python -c \"import typer\"` (same run) | – | {figures['import_typer_s']} |",
-              f"| `omnicrm --help` minus `import typer` | – | {round(figures['help_s'] - figures['import_typer_s'], 3)} |",
-              "", "Query plans (broad term):", ""]
+    row("`omnicrm contacts list --search T` CPU time (user+sys): p50", "–",
+        lambda f: f["cli_list_search_s"]["cpu_p50"], "s")
+    row("1-min load average when measured", "–", lambda f: f["load_average"], "")
+    lines += ["", "| start-up (whole process, median of 7 runs) | target | wall s | CPU s (user+sys) |",
+              "|---|---|---|---|",
+              f"| `omnicrm --help` | ≤ 0.25 s | {figures['help_s']} {ok(figures['help_s'], TARGETS['help_s'])} | "
+              f"{figures['help_cpu_s']} |",
+              f"| `python -c \"import typer\"` (same run) | – | {figures['import_typer_s']} | {figures['import_typer_cpu_s']} |",
+              f"| `omnicrm --help` minus `import typer` | – | {round(figures['help_s'] - figures['import_typer_s'], 3)} | "
+              f"{round(figures['help_cpu_s'] - figures['import_typer_cpu_s'], 3)} |",
+              "", f"The machine's 1-min load average was {figures['load_average']} at the end of the run: other "
+              "work shares the CPUs, so wall times can exceed CPU times by a wide margin.",
+              "", "Query plans (broad term, as `list_contacts` runs them once the count passes the cap):", ""]
     for e in engines:
         for plan in figures[e]["plans"]:
             lines.append(f"- {e} — {plan}")
@@ -400,9 +433,14 @@ def main() -> int:
                                                        work / "home-pg", args.quick)
                 finally:
                     drop_pg_database(server, name)
-        env = {**os.environ, "OMNICRM_HOME": str(work / "home")}
-        figures["help_s"] = round(statistics.median(wall([str(BIN / "omnicrm"), "--help"], env, 7)), 3)
-        figures["import_typer_s"] = round(statistics.median(wall([sys.executable, "-c", "import typer"], env, 7)), 3)
+        env = {**installed_env(work), "OMNICRM_HOME": str(work / "home")}
+        wall([str(BIN / "omnicrm"), "--help"], env, 1)
+        figures["help_s"] = round(statistics.median(wall([str(BIN / "omnicrm"), "--help"], env, 7, "help")), 3)
+        figures["import_typer_s"] = round(statistics.median(
+            wall([sys.executable, "-c", "import typer"], env, 7, "typer")), 3)
+        figures["help_cpu_s"] = round(statistics.median(CPU_TIMES["help"]), 3)
+        figures["import_typer_cpu_s"] = round(statistics.median(CPU_TIMES["typer"]), 3)
+        figures["load_average"] = round(os.getloadavg()[0], 2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     del rng

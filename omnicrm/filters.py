@@ -106,7 +106,7 @@ def search_clause(term: str, many: bool = False):
 
 def apply_filter(stmt: Select, user_id: int, flt: ContactFilter, now: datetime) -> Select:
     """Restrict `stmt` (selecting from contacts) to the acting user and the filter."""
-    from sqlalchemy import and_
+    from sqlalchemy import and_, bindparam
     from sqlalchemy.orm import aliased
 
     from omnicrm.search_index import not_driving
@@ -124,8 +124,10 @@ def apply_filter(stmt: Select, user_id: int, flt: ContactFilter, now: datetime) 
         # A join on the (contact_id, tag_id) key: streams (a count can stop early), no duplicates.
         for tag_id in flt.tag_ids:
             tagged = aliased(ContactTag)
+            # The id inline in the SQL text (literal_execute): a statement psycopg prepares after a few
+            # runs must not fall back to PostgreSQL's generic plan, which assumes an average tag size.
             stmt = stmt.join(tagged, and_(tagged.contact_id == not_driving(Contact.id, flt.many),
-                                          tagged.tag_id == tag_id))
+                                          tagged.tag_id == bindparam(None, int(tag_id), literal_execute=True)))
     for tag in flt.tags if flt.tag_ids is None else ():
         tagged = (select(ContactTag.contact_id).join(Tag, Tag.id == ContactTag.tag_id)
                   .where(Tag.user_id == user_id, Tag.name == normalise_tag(tag)))
