@@ -516,6 +516,7 @@ class Importer:
         self.width = len(source.header)
         self.region = options.region
         self.fts_trigger: _FtsPause | None = None
+        self.sqlite_pragmas: dict = {}
         self.now_ts = self.db.ts(self.now)
         self.keep_cells = on_reject is not None  # original cells are only needed for the rejects file
         self._pending_rejects: list[tuple] = []
@@ -918,8 +919,9 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
     db = importer.db
     if db.pg:
         return importer.run()
-    # A larger page cache for the bulk writes (index pages of 1M rows); back to the default after.
-    db.cur.execute("PRAGMA cache_size = -65536")
+    # A larger page cache for the bulk writes (index pages of 1M rows), and no memory map: mapped pages of
+    # a big database would count as resident memory. Both back to what they were after.
+    importer.sqlite_pragmas = _sqlite_pragmas(db.cur, cache_size=-65536, mmap_size=0)
     importer.fts_trigger = _FtsPause.start(db)
     try:
         summary = importer.run()
@@ -937,7 +939,17 @@ def _restore_sqlite(importer: Importer) -> None:
     if importer.fts_trigger:
         importer.fts_trigger.restore()
         importer.fts_trigger = None
-    importer.db.cur.execute("PRAGMA cache_size = -2000")
+    _sqlite_pragmas(importer.db.cur, **importer.sqlite_pragmas)
+
+
+def _sqlite_pragmas(cur, **values) -> dict:
+    """Set connection pragmas; returns their previous values (to restore them)."""
+    previous = {}
+    for name, value in values.items():
+        cur.execute(f"PRAGMA {name}")
+        previous[name] = cur.fetchone()[0]
+        cur.execute(f"PRAGMA {name} = {int(value)}")
+    return previous
 
 
 class _FtsPause:
@@ -1059,12 +1071,26 @@ def iter_export_batches(session: Session, user_id: int, flt: ContactFilter, *, n
     Emails, phones and tags come joined with `joiner`, notes with newlines, timestamps as ISO 8601
     strings. With `threaded`, a reader thread runs the next batch's queries while the caller writes.
     """
+    conn = session.connection(execution_options={"sqlite_read_only": True})
+    if conn.dialect.name == "postgresql":
+        yield from _export_batches(conn, user_id, flt, now, batch, joiner, threaded)
+        return
+    # SQLite: read through the small page cache, not the memory map (mapped pages count as resident).
+    cur = conn.connection.driver_connection.cursor()
+    previous = _sqlite_pragmas(cur, mmap_size=0)
+    try:
+        yield from _export_batches(conn, user_id, flt, now, batch, joiner, threaded)
+    finally:
+        _sqlite_pragmas(cur, **previous)
+
+
+def _export_batches(conn, user_id: int, flt: ContactFilter, now: datetime | None, batch: int, joiner: str,
+                    threaded: bool) -> Iterator[list[list]]:
     import queue
     import threading
 
     now = now or clock_now()
     flt.validate()
-    conn = session.connection(execution_options={"sqlite_read_only": True})
     pg = conn.dialect.name == "postgresql"
     mark = "%s" if pg else "?"
     # SQLite would pick a (user_id, …) index and scan every contact of the user per batch: `+` keeps

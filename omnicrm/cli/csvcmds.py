@@ -110,6 +110,8 @@ def import_(
     if background:
         _submit(st, file, options, encoding, delimiter, rejects, output)
         return
+    if file == "-" and sys.stdin.isatty():
+        raise InvalidInput("FILE: give a CSV file, or pipe one into stdin (`... | omnicrm contacts import -`)")
     source = csvio.open_csv(file, encoding=encoding, delimiter=delimiter, source_format=source_format,
                             mapping=mapped)
     rejects_writer = None
