@@ -14,6 +14,7 @@ from datetime import date, datetime, timezone
 from typing import Callable, Iterable
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from omnicrm.config import Settings, now as clock_now
@@ -82,13 +83,23 @@ def run_source(session: Session, settings: Settings, user_id: int, source: str, 
     check_sources([source])
     run = SyncRun(session=session, settings=settings, user_id=user_id, source=source, credentials=credentials,
                   full=full, since=since, mode=create_mode(create), heartbeat=heartbeat)
-    try:
-        _runner(source)(run)
-    except BaseException as exc:
-        session.rollback()
-        run.upsert.forget()
-        _record_error(session, user_id, source, exc)
-        raise
+    from omnicrm.sync.upsert import RACE_RETRIES, _is_race
+
+    for attempt in range(RACE_RETRIES + 1):
+        try:
+            _runner(source)(run)
+            break
+        except BaseException as exc:
+            session.rollback()
+            run.upsert.forget()
+            if isinstance(exc, DBAPIError) and _is_race(exc) and attempt < RACE_RETRIES:
+                # A parallel sync of another source touched the same contacts (PostgreSQL deadlock or
+                # unique race): only the uncommitted page is lost; resume from the saved progress.
+                log.info("sync %s: page raced with another sync (%s); resuming", source, type(exc.orig).__name__)
+                run.full = False  # the cursor was already reset and committed by the first attempt
+                continue
+            _record_error(session, user_id, source, exc)
+            raise
     return run.stats.as_dict()
 
 

@@ -56,14 +56,14 @@ def _pages(run: SyncRun, service, progress: dict) -> None:
         if is_valid_email(summary):
             progress["account"] = summary
         sweep = progress["mode"] == "full" and not progress.get("time_min")
-        for event in page.get("items") or []:
-            _store_event(run, event, progress.get("account"))
-            if sweep and event.get("id"):
-                progress.setdefault("seen", []).append(event["id"])
+        items = page.get("items") or []
+        run.atomically(lambda: [_store_event(run, event, progress.get("account")) for event in items])
+        if sweep:
+            progress.setdefault("seen", []).extend(event["id"] for event in items if event.get("id"))
         progress["page_token"] = page.get("nextPageToken")
         if not progress["page_token"]:
             if sweep:
-                _sweep(run, set(progress.get("seen") or []))
+                run.atomically(lambda: _sweep(run, set(progress.get("seen") or [])))
             run.finish(page.get("nextSyncToken"))
             return
         run.save_progress(progress)

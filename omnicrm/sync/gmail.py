@@ -238,6 +238,10 @@ def _store(run: SyncRun, service, ids: list[str], self_emails: set[str]) -> date
     if not ids:
         return None
     messages = _fetch(run, service, ids)
+    return run.atomically(lambda: _write(run, messages, self_emails))
+
+
+def _write(run: SyncRun, messages: list[dict], self_emails: set[str]) -> datetime | None:
     summaries = []
     oldest = None
     for message in messages:

@@ -87,7 +87,7 @@ def _follow(run: SyncRun, service, name: str, progress: dict, groups: "_Groups")
             request = service.otherContacts().list(readMask=OTHER_FIELDS, **params)
         page = clients.execute(request, f"people {name}.list")
         people = page.get("connections" if name == "connections" else "otherContacts") or []
-        _store_page(run, name, people, groups)
+        run.atomically(lambda: _store_page(run, name, people, groups))
         if progress["mode"] == "full":
             progress["seen"].extend(p["resourceName"] for p in people if p.get("resourceName"))
         progress["page_token"] = page.get("nextPageToken")

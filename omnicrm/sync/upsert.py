@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -28,6 +28,7 @@ from omnicrm.models import Contact, ContactEmail, ExternalLink, Interaction, Syn
 from omnicrm.normalize import is_valid_email, normalise_email
 
 log = logging.getLogger("omnicrm.sync")
+T = TypeVar("T")
 
 CREATE_MODES = ("all", "wrote-to", "none")
 CREATE_MODE_ENV = "OMNICRM_SYNC_CREATE_CONTACTS"
@@ -125,6 +126,30 @@ class SyncRun:
         state.last_error = None
         state.items_synced = self.stats.items
         self.commit()
+
+    def atomically(self, write: Callable[[], T]) -> T:
+        """Run one page's database writes; when they collide with a sync running in parallel (unique
+        violation, deadlock), roll the page back and write it again from the data already fetched."""
+        import copy
+        import random
+        import time
+
+        for attempt in range(RACE_RETRIES + 1):
+            saved = copy.deepcopy(self.stats)
+            try:
+                result = write()
+                self.upsert.flush_page()
+                return result
+            except (IntegrityError, OperationalError) as exc:
+                if self.dry_run or attempt == RACE_RETRIES or not _is_race(exc):
+                    raise
+                log.info("sync %s: page collided with another sync (%s); writing it again", self.source,
+                         type(getattr(exc, "orig", exc)).__name__)
+                self.session.rollback()
+                self.upsert.forget()
+                self.stats.__dict__.update(saved.__dict__)
+                time.sleep(random.uniform(0.01, 0.1) * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def commit(self) -> None:
         self.upsert.flush_page()
