@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from omnicrm.errors import ServiceUnavailable
 from omnicrm.models import Base, User
 
 SQLITE_BUSY_TIMEOUT_S = 30
+log = logging.getLogger("omnicrm.db")
 
 _engines: dict[str, Engine] = {}
 _migrated: set[str] = set()
@@ -138,7 +140,9 @@ def ready_engine(settings: Settings) -> Engine:
     engine = get_engine(settings.database_url)
     if settings.database_url not in _migrated:
         try:
-            migrate(engine)
+            version = migrate(engine)
+            log.debug("database %s at schema version %s", engine.url.render_as_string(hide_password=True),
+                      version, extra={"fields": {"schema_version": version, "dialect": engine.dialect.name}})
         except OperationalError as exc:
             raise ServiceUnavailable(f"cannot open the database: {describe_db_error(exc)}") from None
         from omnicrm.search_index import attach

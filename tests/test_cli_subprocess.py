@@ -30,6 +30,13 @@ def test_add_list_and_exit_codes(omnicrm_cmd, omnicrm_home):
 
     assert stat.S_IMODE(omnicrm_home.stat().st_mode) == 0o700
 
+    logged = omnicrm_cmd("--verbose", "--log-json", "init")
+    assert logged.returncode == 0
+    entries = [json.loads(line) for line in logged.stderr.splitlines() if line.startswith("{")]
+    assert any(e.get("schema_version") and e["level"] == "debug" for e in entries), logged.stderr
+    verbose_error = omnicrm_cmd("-v", "contacts", "show", "999")
+    assert verbose_error.returncode == 1 and "Traceback" in verbose_error.stderr  # --verbose may add one
+
     refused = omnicrm_cmd("contacts", "delete", "--search", "zoe", input="y\n")  # a pipe is not a terminal
     assert refused.returncode == 2 and "--yes" in refused.stderr
     done = omnicrm_cmd("contacts", "delete", "--search", "zoe", "--yes")
