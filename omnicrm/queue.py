@@ -91,6 +91,15 @@ def _sqlite_queue_storage():
     return SqliteQueueStorage
 
 
+def _create_pg_tables(storage) -> None:
+    """Huey's tables, created under an advisory lock: concurrent `CREATE TABLE IF NOT EXISTS` from
+    workers starting together can otherwise fail on PostgreSQL's catalog unique index."""
+    with storage.db(commit=True, close=True) as curs:
+        curs.execute("SELECT pg_advisory_xact_lock(72651002)")
+        for sql in storage.ddl:
+            curs.execute(sql)
+
+
 def _pg_queue_connection(dsn: str):
     """A queue connection that does not wait for the WAL flush on commit: a message lost in a
     database crash is re-delivered by the reaper (the jobs table is the source of truth)."""
@@ -147,9 +156,11 @@ class JobQueue:
                 from huey import PostgresHuey
 
                 dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
-                return _no_revoke(PostgresHuey)(name, connection=lambda: _pg_queue_connection(dsn),
+                huey = _no_revoke(PostgresHuey)(name, connection=lambda: _pg_queue_connection(dsn),
                                                 blocking=blocking, read_timeout=1, table_prefix="omnicrm_huey",
-                                                **common)
+                                                create_tables=False, **common)
+                _create_pg_tables(huey.storage)
+                return huey
             try:
                 import redis  # noqa: F401
             except ImportError:

@@ -165,10 +165,32 @@ def _consumer_class():
     return GracefulConsumer
 
 
+LOCAL_TIMER_SECONDS = 5.0
+
+
 def _run_delivered(settings: Settings, job_id: int) -> None:
     outcome = jobs.execute(settings, job_id)
     if outcome.status in ("busy", "retry") and outcome.run_after is not None:
-        jobs.deliver(settings, [job_id], eta=outcome.run_after)
+        _deliver_later(settings, job_id, outcome.run_after)
+
+
+def _deliver_later(settings: Settings, job_id: int, when: datetime) -> None:
+    """A short wait (exclusive key busy, first retries) on a local timer, to the sub-second; a long one
+    through Huey's schedule. Either may be lost with the process: the reaper then re-delivers."""
+    delay = (when - current_time()).total_seconds()
+    if delay > LOCAL_TIMER_SECONDS:
+        jobs.deliver(settings, [job_id], eta=when)
+        return
+    timer = threading.Timer(max(delay, 0.0), _deliver_quietly, args=(settings, job_id))
+    timer.daemon = True
+    timer.start()
+
+
+def _deliver_quietly(settings: Settings, job_id: int) -> None:
+    try:
+        jobs.deliver(settings, [job_id])
+    except Exception as exc:  # noqa: BLE001 - the reaper re-delivers it
+        log.warning("could not deliver job %s again: %s", job_id, type(exc).__name__)
 
 
 def _periodic(stop: threading.Event, interval: float, name: str, action, *, immediately: bool = False
@@ -203,14 +225,16 @@ def _schedule_tick(settings: Settings, matches, state: dict) -> None:
     if state.get("last") == local or not matches(local):
         return
     state["last"] = local
+    log.info("schedule: running omnicrm %s", " ".join(SCHEDULED_COMMAND),
+             extra={"fields": {"event": "schedule_fired", "command": "omnicrm " + " ".join(SCHEDULED_COMMAND)}})
     env = {**settings.env, "OMNICRM_DATABASE_URL": settings.database_url, "OMNICRM_QUEUE_URL": settings.queue_url,
            "OMNICRM_USER": settings.user}
     command = [sys.executable, "-m", "omnicrm", "--quiet", *SCHEDULED_COMMAND]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    fields = {"event": "schedule_fired", "command": "omnicrm " + " ".join(SCHEDULED_COMMAND),
+    fields = {"event": "schedule_finished", "command": "omnicrm " + " ".join(SCHEDULED_COMMAND),
               "exit_code": result.returncode}
     if result.returncode == 0:
-        log.info("schedule: ran omnicrm %s", " ".join(SCHEDULED_COMMAND), extra={"fields": fields})
+        log.info("schedule: omnicrm %s done", " ".join(SCHEDULED_COMMAND), extra={"fields": fields})
     else:
         error = (result.stderr.strip().splitlines() or [""])[-1][:300]
         log.warning("schedule: omnicrm %s exited %s: %s", " ".join(SCHEDULED_COMMAND), result.returncode, error,
