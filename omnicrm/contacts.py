@@ -393,6 +393,8 @@ def rename_tag(session: Session, user_id: int, old: str, new: str) -> int:
     target_name = normalise_tag(new)
     if not target_name:
         raise InvalidInput("NEW: a tag cannot be empty")
+    if len(target_name) > 200:
+        raise InvalidInput("NEW: longer than 200 characters")
     members = list(session.scalars(select(ContactTag.contact_id).where(ContactTag.tag_id == source.id)))
     if target_name == source.name:
         return len(members)

@@ -25,4 +25,6 @@ def test_tags_list_and_rename(cli):
     assert missing.exit_code == 1 and "no tag 'nope'" in missing.stderr
     empty = cli("tags", "rename", "customers 2026", "  ")
     assert empty.exit_code == 2 and "NEW" in empty.stderr
+    too_long = cli("tags", "rename", "customers 2026", "x" * 201)
+    assert too_long.exit_code == 2 and "NEW" in too_long.stderr
     assert cli("--user", "bob", "tags", "list", "--format", "json").stdout.strip() == "[]"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from omnicrm.cli.common import FormatOpt, emit, state
@@ -21,7 +23,9 @@ def list_(ctx: typer.Context, fmt: FormatOpt = None) -> None:
 
 
 @app.command("rename")
-def rename(ctx: typer.Context, old: str, new: str) -> None:
+def rename(ctx: typer.Context,
+           old: Annotated[str, typer.Argument(help="The tag to rename.")],
+           new: Annotated[str, typer.Argument(help="Its new name (an existing tag is merged into).")]) -> None:
     """Rename tag OLD to NEW (merging into NEW if it exists)."""
     from omnicrm.contacts import rename_tag
 
