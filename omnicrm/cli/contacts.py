@@ -65,7 +65,7 @@ def add(
 @app.command()
 def show(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Contact id or email.")],
          fmt: FormatOpt = None) -> None:
-    """Show one contact with its tags, notes and last 10 timeline entries."""
+    """Show contact REF (an id or any of its emails) with tags, notes and the last 10 timeline entries."""
     from omnicrm import contacts as svc
 
     st = state(ctx)
@@ -89,7 +89,7 @@ def update(
     untag: Annotated[Many, typer.Option("--untag", help="Remove a tag (repeatable).")] = None,
     fmt: FormatOpt = None,
 ) -> None:
-    """Change a contact. Fields edited here are never overwritten by a sync."""
+    """Change contact REF (an id or email). Fields edited here are never overwritten by a sync."""
     from omnicrm import contacts as svc
 
     st = state(ctx)
@@ -169,7 +169,7 @@ def list_(
 @app.command()
 def note(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Contact id or email.")],
          text: Annotated[str, typer.Argument(help="The note ('-' reads stdin).")]) -> None:
-    """Add a note to a contact (it appears on the timeline)."""
+    """Add note TEXT to contact REF (`-` reads TEXT from stdin); it appears on the timeline."""
     import sys
 
     from omnicrm import contacts as svc
@@ -187,7 +187,7 @@ def note(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Contact id
 def timeline(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Contact id or email.")],
              limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many.")] = None,
              fmt: FormatOpt = None) -> None:
-    """A contact's emails, meetings and notes, newest first."""
+    """Contact REF's emails, meetings and notes, newest first."""
     from omnicrm import contacts as svc
 
     st = state(ctx)
