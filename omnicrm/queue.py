@@ -189,6 +189,14 @@ class JobQueue:
             raise ServiceUnavailable(f"cannot reach the job queue ({self.backend}): {type(exc).__name__}: "
                                      f"{str(exc).strip()[:200]}") from None
 
+    def check(self) -> None:
+        """Raise ServiceUnavailable (one clean line) if the queue cannot be reached."""
+        try:
+            self.huey.storage.queue_size()
+        except Exception as exc:  # noqa: BLE001
+            raise ServiceUnavailable(f"cannot reach the job queue ({self.backend}): {type(exc).__name__}: "
+                                     f"{str(exc).strip()[:200]}") from None
+
     def pop_nowait(self) -> int | None:
         """The next delivered job id, without waiting (for `worker --once`)."""
         task = self.huey.dequeue()

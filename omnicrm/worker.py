@@ -78,6 +78,7 @@ def drain(settings: Settings, workers: int) -> Counter:
         jobs.reap(session, settings)  # expired leases become runnable; the table scan below finds them
         session.commit()
     queue = get_queue(settings, blocking=False)
+    queue.check()
     outcomes: Counter = Counter()
     lock = threading.Lock()
     state = {"busy": 0, "buffer": [], "in_hand": set()}
@@ -87,7 +88,11 @@ def drain(settings: Settings, workers: int) -> Counter:
     def scan() -> list[int]:
         from datetime import timedelta
 
-        due = queue.pop_due()
+        try:
+            due = queue.pop_due()
+        except Exception as exc:  # noqa: BLE001 - the table scan below still finds every due job
+            log.warning("queue schedule read failed: %s", type(exc).__name__)
+            due = []
         with session_scope(settings) as session:
             stamp = current_time()
             ids = list(session.scalars(select(Job.id).where(Job.status == "queued", Job.run_after <= stamp)
@@ -251,6 +256,7 @@ def serve(settings: Settings, *, workers: int, kind: str, grace: float, schedule
     register_all()
     ready_engine(settings)
     queue = get_queue(settings)
+    queue.check()
     queue.executor = lambda job_id: _run_delivered(settings, job_id)
     stop = threading.Event()
     _reap_once(settings)

@@ -82,6 +82,9 @@ def test_errors_map_to_exit_codes(cli):
     bad_cron = cli("worker", "--schedule", "61 * * * *")
     assert bad_cron.exit_code == 2 and "--schedule" in bad_cron.stderr
     assert cli("worker", "--schedule", "not cron").exit_code == 2
+    unreachable = cli("worker", "--once", env={"OMNICRM_QUEUE_URL": "redis://127.0.0.1:1/0"})
+    assert unreachable.exit_code == 1 and "cannot reach the job queue (redis)" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
 
 
 def test_reap_and_purge(cli):
