@@ -28,12 +28,17 @@ TARGETS = {"import_s": 30.0, "import_rss_mb": 300.0, "export_s": 8.0, "export_rs
 OMNICRM = [sys.executable, "-m", "omnicrm"]
 
 
+CPU: dict[str, float] = {}
+
+
 def run(cmd: list[str], env: dict | None = None, stdin=None, stdout=subprocess.DEVNULL) -> tuple[float, float]:
-    """Run `cmd` as a child; (wall seconds, peak RSS in MB of that child). Fails loudly on a non-zero exit."""
+    """Run `cmd` as a child; (wall seconds, peak RSS in MB of that child). Fails loudly on a non-zero exit.
+    The child's CPU seconds (user + system) are left in CPU["last"]."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    CPU["last"] = usage.ru_utime + usage.ru_stime
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.returncode != 0:
@@ -52,13 +57,16 @@ def measure_engine(name: str, db_url: str, csv_path: Path, rows: int, work: Path
     env = base_env(home, db_url)
     run([*OMNICRM, "--quiet", "init"], env)
     import_s, import_mb = run([*OMNICRM, "--quiet", "contacts", "import", str(csv_path)], env)
+    import_cpu = CPU["last"]  # includes the forked reader process (waited for by the import)
     out = work / f"export-{name}.csv"
     export_s, export_mb = run([*OMNICRM, "--quiet", "contacts", "export", "-o", str(out)], env)
+    export_cpu = CPU["last"]
     with out.open("rb") as fh:
         exported_lines = sum(1 for _ in fh)
     out.unlink()
     return {"import_s": round(import_s, 2), "import_rows_per_s": round(rows / import_s),
-            "import_rss_mb": round(import_mb, 1), "export_s": round(export_s, 2),
+            "import_rss_mb": round(import_mb, 1), "import_cpu_s": round(import_cpu, 1),
+            "export_s": round(export_s, 2), "export_cpu_s": round(export_cpu, 1),
             "export_rows_per_s": round(rows / export_s), "export_rss_mb": round(export_mb, 1),
             "exported_lines": exported_lines}
 
@@ -111,7 +119,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, help="number of rows (overrides --quick)")
     args = parser.parse_args()
     rows = args.rows or (20_000 if args.quick else 1_000_000)
-    figures: dict = {"rows": rows}
+    figures: dict = {"rows": rows, "cpus": os.cpu_count(), "load_avg_at_start": round(os.getloadavg()[0], 1)}
     with tempfile.TemporaryDirectory(prefix="omnicrm-bench-csv-") as tmp:
         work = Path(tmp)
         csv_path = work / "contacts.csv"
@@ -151,12 +159,15 @@ def main() -> None:
         "",
         f"{rows:,} synthetic contacts (`benchmarks/gen_contacts.py`: non-ASCII names, quoted commas, several phone "
         f"formats, blanks, multi-line notes, ~1% repeated emails that merge), {figures['file_mb']} MB. Each step is "
-        "one `omnicrm` process; peak RSS is that process's. Floor: the same file through `sqlite3 .import` / "
+        "one `omnicrm` process; peak RSS is that process's (`ru_maxrss` via wait4: the largest process of its tree;
+an import of a file ≥ 4 MB forks one reader process, so its footprint is up to twice that). Floor: the same file through `sqlite3 .import` / "
         "`psql \\copy` into one text table and back out, in the same run. "
         f"Targets for 1M rows: import ≤ {TARGETS['import_s']:.0f} s and ≤ {TARGETS['import_rss_mb']:.0f} MB, "
         f"export ≤ {TARGETS['export_s']:.0f} s and ≤ {TARGETS['export_rss_mb']:.0f} MB"
         + (f" (scaled to this run: import ≤ {TARGETS['import_s'] * scale:.1f} s, export ≤ "
            f"{TARGETS['export_s'] * scale:.1f} s)." if rows != 1_000_000 else "."),
+        "",
+        f"Machine: {figures['cpus']} CPUs, load average {figures['load_avg_at_start']} when the run started.",
         "",
         "| engine | import | rows/s | peak RSS | floor | × floor | export | rows/s | peak RSS | floor | × floor |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
