@@ -38,6 +38,10 @@ def register_all() -> None:
 
     jobs.register("noop", noop)
     jobs.register("sleep", sleep)
+    from omnicrm import csvio, sync
+
+    jobs.register("import", csvio.import_job)  # contacts import --background
+    sync.register_handlers(jobs.register)  # sync:gmail, sync:calendar, sync:contacts
     from omnicrm import csvio  # contacts import --background
 
     jobs.register("import", csvio.import_job)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Optional
 
 import typer
@@ -39,7 +40,10 @@ def show(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID",
     app_ = state(ctx)
     with app_.session() as session:
         job = jobs.show(session, app_.user_id(session), job_id)
-        write_object(jobs.record(job), app_.fmt(fmt))
+    record, fmt = jobs.record(job), app_.fmt(fmt)
+    if fmt in ("table", "csv"):  # nested payload/result as JSON text
+        record = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in record.items()}
+    write_object(record, fmt)
 
 
 @app.command("retry")
