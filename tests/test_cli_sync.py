@@ -93,6 +93,13 @@ def test_401_refreshes_once_and_saves_the_token(cli, google):
         assert session.scalar(select(Credential.last_refresh_at)) is not None
 
 
+def test_missing_gmail_scope_exits_3(cli, google):
+    connect_user(google.settings, "default", google.oauth)
+    google.api.denied_paths.add("/gmail/")
+    result = cli("sync", "run", "--source", "gmail")
+    assert result.exit_code == 3 and "permission was not granted" in result.stderr
+
+
 def test_one_source_failing_exits_4_all_failing_exits_1(cli, google):
     connect_user(google.settings, "default", google.oauth)
     google.api.fail_next(400, 1, path="/v1/people/me/connections")

@@ -35,6 +35,13 @@ class GoogleApiError(OmniCrmError):
         super().__init__(f"Google API error {status}{f' {reason}' if reason else ''}: {message}")
 
 
+class ScopeMissing(AuthorizationNeeded):
+    """Google refused a call for lack of a scope the user did not grant (exit 3: reconnect, tick every box)."""
+
+
+SCOPE_REASONS = frozenset({"insufficientPermissions", "ACCESS_TOKEN_SCOPE_INSUFFICIENT"})
+
+
 def _discovery_document(name: str, version: str, settings: Settings) -> dict:
     from googleapiclient.discovery_cache import get_static_doc
 
@@ -190,6 +197,8 @@ def call(fn: Callable[[], T], what: str = "Google API request") -> T:
             status = int(exc.resp.status)
             if status == 401:
                 raise AuthorizationNeeded("Google rejected the access token after a refresh") from None
+            if status == 403 and error_reason(exc) in SCOPE_REASONS:
+                raise ScopeMissing(f"{what}: a Google permission was not granted ({error_reason(exc)})") from None
             if not is_retryable(exc) or attempt == attempts:
                 raise GoogleApiError(status, error_reason(exc), error_message(exc)) from None
             delay = backoff_delay(attempt, retry_after(exc))

@@ -153,7 +153,11 @@ def sync_job(ctx) -> dict:
             stats = run_source(session, ctx.settings, ctx.user_id, source, credentials,
                                full=bool(payload.get("full")), since=parse_since(payload.get("since")),
                                create=payload.get("create"), heartbeat=ctx.heartbeat)
-        except AuthorizationNeeded:
+        except AuthorizationNeeded as exc:
+            from omnicrm.google.clients import ScopeMissing
+
+            if isinstance(exc, ScopeMissing):  # the grant is fine, it lacks a scope
+                raise
             # The access token was refused after a refresh: check the grant (marks it on invalid_grant).
             try:
                 auth.load_credentials(session, ctx.settings, ctx.user_id, force_refresh=True)
@@ -267,7 +271,8 @@ def run_sync(settings: Settings, *, sources: Iterable[str] | None = None, full: 
             continue
         row["status"] = job.status
         row["error"] = job.last_error
-        row["auth"] = bool(job.last_error and job.last_error.startswith("AuthorizationNeeded"))
+        # AuthorizationNeeded (and its ScopeMissing) always end with the reconnect advice.
+        row["auth"] = bool(job.last_error and "omnicrm google connect" in job.last_error)
         row["result"] = job.result
     return report
 

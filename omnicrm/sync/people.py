@@ -49,11 +49,13 @@ def sync_contacts(run: SyncRun) -> None:
                              "page_token": None, "seen": []})
         try:
             new_token = _follow(run, service, name, progress, groups)
+        except clients.ScopeMissing:
+            if name != "other":
+                raise
+            log.info("people: other contacts were not granted; skipped")
+            new_token = None
         except clients.GoogleApiError as exc:
-            if exc.status == 403 and name == "other":
-                log.info("people: other contacts not granted (%s)", exc.reason)
-                new_token = None
-            elif exc.reason in EXPIRED or exc.status == 410:
+            if exc.reason in EXPIRED or exc.status == 410:
                 log.info("people: %s sync token expired, listing everything", name)
                 progress.update({"mode": "full", "sync_token": None, "page_token": None, "seen": []})
                 new_token = _follow(run, service, name, progress, groups)

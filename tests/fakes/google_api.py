@@ -10,7 +10,7 @@ libraries reach it with Google's own paths. Tests drive it only through those li
 
 Knobs: `latency` (seconds slept per HTTP request), `fault_rate` (share of requests and batch parts that
 answer 429/500/503/403 rateLimitExceeded), `fail_next(status, n)` for deterministic faults,
-`valid_tokens` (anything else gets 401), cursor expiry switches (`expire_history`,
+`valid_tokens` (anything else gets 401), `denied_paths` (403 insufficientPermissions), cursor expiry switches (`expire_history`,
 `expire_calendar_tokens`, `expire_people_tokens`) and `other_contacts_granted`.
 """
 
@@ -113,6 +113,7 @@ class FakeGoogleApi:
         self.retry_after = retry_after
         self.valid_tokens: set[str] | None = None
         self.other_contacts_granted = True
+        self.denied_paths: set[str] = set()  # path prefixes answering 403 insufficientPermissions (scope not granted)
         self.empty_history_pages = 0  # history.list answers this many empty pages (no `history` key) first
         self.counts: Counter = Counter()
         self._rng = random.Random(seed)
@@ -271,6 +272,9 @@ class FakeGoogleApi:
             return fault
         if not self._authorised(headers):
             return 401, classic_error(401, "authError", "Invalid Credentials", "UNAUTHENTICATED"), {}
+        if any(path.startswith(prefix) for prefix in self.denied_paths):
+            return 403, classic_error(403, "insufficientPermissions",
+                                      "Request had insufficient authentication scopes.", "PERMISSION_DENIED"), {}
         try:
             with self._lock:
                 return 200, self._route(method, path, query), {}
