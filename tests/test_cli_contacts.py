@@ -240,3 +240,13 @@ def test_note_timeline_and_quiet(cli):
     assert shown["last_interaction_at"] == "2026-03-02T12:00:00+00:00"
     quiet = ok(cli("--quiet", "contacts", "add", "--name", "Q"))
     assert quiet.stderr == "" and quiet.stdout.strip().isdigit()
+
+
+def test_verbose_and_json_logs(cli):
+    logged = ok(cli("--verbose", "--log-json", "init"))  # the first use in this test migrates and logs it
+    entries = [json.loads(line) for line in logged.stderr.splitlines() if line.startswith("{")]
+    assert any(e.get("schema_version") and e["level"] == "debug" for e in entries), logged.stderr
+    plain = cli("contacts", "show", "999")
+    assert plain.exit_code == 1 and "Traceback" not in plain.stderr
+    verbose = cli("-v", "contacts", "show", "999")
+    assert verbose.exit_code == 1 and "Traceback" in verbose.stderr  # --verbose may add one

@@ -116,7 +116,7 @@ def test_concurrent_init_in_real_processes(db_url, omnicrm_home):
     exe = Path(sys.executable).with_name("omnicrm")
     env = {**os.environ, "OMNICRM_DATABASE_URL": db_url, "OMNICRM_HOME": str(omnicrm_home)}
     procs = [subprocess.Popen([str(exe), "init"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(4)]
+                              text=True) for _ in range(3)]
     results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
     for p in procs:
         p.stdout.close()
