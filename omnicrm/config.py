@@ -70,6 +70,11 @@ def load_settings(env: dict | None = None, *, db: str | None = None, user: str |
     region = (region or env.get("OMNICRM_REGION") or "US").upper()
     if len(region) != 2 or not region.isalpha():
         raise InvalidInput(f"--region / OMNICRM_REGION: {region!r} is not a two-letter country code")
+    if env.get("OMNICRM_NOW"):
+        try:
+            datetime.fromisoformat(env["OMNICRM_NOW"])
+        except ValueError:
+            raise InvalidInput(f"OMNICRM_NOW: {env['OMNICRM_NOW']!r} is not an ISO 8601 date-time") from None
     return Settings(
         home=home,
         database_url=database_url,
@@ -88,7 +93,10 @@ def now() -> datetime:
     """The current time (aware, UTC). `OMNICRM_NOW` (ISO 8601) pins it for reproducible runs and tests."""
     pinned = os.environ.get("OMNICRM_NOW")
     if pinned:
-        value = datetime.fromisoformat(pinned)
+        try:
+            value = datetime.fromisoformat(pinned)
+        except ValueError:
+            raise InvalidInput(f"OMNICRM_NOW: {pinned!r} is not an ISO 8601 date-time") from None
         if value.tzinfo is None:
             value = value.astimezone()
         return value.astimezone(timezone.utc)

@@ -57,6 +57,7 @@ def test_settings_env_and_flags(tmp_path):
     ({"OMNICRM_REGION": "USA"}, "--region"),
     ({"OMNICRM_USER": "   "}, "--user"),
     ({"OMNICRM_DATABASE_URL": "oracle://x"}, "--db"),
+    ({"OMNICRM_NOW": "next tuesday"}, "OMNICRM_NOW"),
 ])
 def test_bad_settings_name_the_option(tmp_path, env, option):
     with pytest.raises(InvalidInput, match=option):
@@ -66,6 +67,9 @@ def test_bad_settings_name_the_option(tmp_path, env, option):
 def test_now_is_pinned_by_omnicrm_now(monkeypatch):
     monkeypatch.setenv("OMNICRM_NOW", "2026-03-01T12:00:00+02:00")
     assert now() == datetime(2026, 3, 1, 10, tzinfo=timezone.utc)
+    monkeypatch.setenv("OMNICRM_NOW", "yesterday")
+    with pytest.raises(InvalidInput, match="OMNICRM_NOW"):
+        now()
     monkeypatch.delenv("OMNICRM_NOW")
     assert now().tzinfo is timezone.utc
 
