@@ -173,10 +173,10 @@ def resolve(session: Session, user_id: int, ref: str) -> Contact:
         stmt = stmt.where(Contact.id == select(ContactEmail.contact_id).where(
             ContactEmail.user_id == user_id, ContactEmail.email == normalise_email(ref)).scalar_subquery())
     else:
-        raise NotFound(f"no contact {ref!r} (give an id or an email)")
+        raise NotFound(f"contact {ref!r} not found (give an id or an email)")
     contact = session.scalar(stmt)
     if contact is None:
-        raise NotFound(f"no contact {ref!r}")
+        raise NotFound(f"contact {ref!r} not found")
     return contact
 
 
@@ -389,7 +389,7 @@ def rename_tag(session: Session, user_id: int, old: str, new: str) -> int:
     """Rename a tag; renaming onto an existing tag merges the two. Returns contacts affected."""
     source = session.scalar(select(Tag).where(Tag.user_id == user_id, Tag.name == normalise_tag(old)))
     if source is None:
-        raise NotFound(f"no tag {normalise_tag(old)!r}")
+        raise NotFound(f"tag {normalise_tag(old)!r} not found")
     target_name = normalise_tag(new)
     if not target_name:
         raise InvalidInput("NEW: a tag cannot be empty")

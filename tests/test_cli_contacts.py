@@ -60,7 +60,7 @@ def test_crud_round_trip(cli):
     assert "Zoë B" in table and "timeline" in table
     ok(cli("contacts", "delete", str(cid)))
     gone = cli("contacts", "show", str(cid))
-    assert gone.exit_code == 1 and "no contact" in gone.stderr
+    assert gone.exit_code == 1 and "not found" in gone.stderr
 
 
 def test_output_formats_and_fields(cli):
@@ -214,7 +214,7 @@ def test_users_are_isolated(cli):
                  ["tags", "rename", "secret", "public"]):
         run = cli("--user", "bob", *args)
         assert run.exit_code == 1, (args, run.output)
-        assert "no contact" in run.stderr or "no tag" in run.stderr
+        assert "not found" in run.stderr
     assert listed(cli, user="bob") == []
     assert ok(cli("--user", "bob", "contacts", "delete", "--tag", "secret", "--yes")).stderr.strip() == \
         "deleted 0 contact(s)"

@@ -23,7 +23,7 @@ def test_add_list_and_exit_codes(omnicrm_cmd, omnicrm_home):
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip() == "Error: --page-size: must be between 1 and 200 (got 201)"
     missing = omnicrm_cmd("--user", "bob", "contacts", "show", first.stdout.strip())
-    assert missing.returncode == 1 and "Traceback" not in missing.stderr and "no contact" in missing.stderr
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr and "not found" in missing.stderr
 
     assert stat.S_IMODE(omnicrm_home.stat().st_mode) == 0o700
 

@@ -22,7 +22,7 @@ def test_tags_list_and_rename(cli):
     assert sorted(r["display_name"] for r in rows) == ["A", "B", "C"]
 
     missing = cli("tags", "rename", "nope", "x")
-    assert missing.exit_code == 1 and "no tag 'nope'" in missing.stderr
+    assert missing.exit_code == 1 and "tag 'nope' not found" in missing.stderr
     empty = cli("tags", "rename", "customers 2026", "  ")
     assert empty.exit_code == 2 and "NEW" in empty.stderr
     too_long = cli("tags", "rename", "customers 2026", "x" * 201)
