@@ -181,3 +181,25 @@ def test_batch_endpoints_follow_the_api_root():
         default = load_settings({"OMNICRM_HOME": "/nonexistent"})
         assert clients.batch_uri("calendar", default) == "https://www.googleapis.com/batch/calendar/v3"
         assert clients.batch_uri("gmail", default) == "https://gmail.googleapis.com/batch"
+
+
+@pytest.mark.parametrize("source", ["gmail", "calendar", "contacts"])
+def test_stale_saved_page_token_lists_again(world, source):
+    """A run resumed days later may hold a page token Google no longer accepts: list from the start."""
+    fake, settings, session = world
+    populate(fake, messages=30, events=10, people=10, correspondents=10)
+    from omnicrm.db import user_id
+
+    uid = user_id(session, "u")
+    state = SyncState(user_id=uid, source=source, items_synced=0, progress={
+        "gmail": {"mode": "full", "history_id": "1", "account": ME, "page_token": "999999"},
+        "calendar": {"mode": "full", "sync_token": None, "page_token": "bad"},
+        "contacts": {"list": "connections", "mode": "full", "sync_token": None, "page_token": "bad", "seen": [],
+                     "done": {}},
+    }[source])
+    session.add(state)
+    session.commit()
+    fake.fail_next(400, 1, path={"gmail": "/messages", "calendar": "/events", "contacts": "/connections"}[source])
+    sync_user(session, settings, "u", source)
+    sync_user(session, settings, "control", source)
+    assert snap(session, "u") == snap(session, "control")

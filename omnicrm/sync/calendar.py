@@ -30,15 +30,21 @@ def sync_calendar(run: SyncRun) -> None:
                     "sync_token": None if run.full else state.cursor, "page_token": None}
         if progress["mode"] == "full" and run.since is not None:
             progress["time_min"] = run.since.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-    while True:
+    for _ in range(3):  # at most: a refused page token, then an expired sync token, then the full listing
         try:
             _pages(run, service, progress)
             return
         except clients.GoogleApiError as exc:
-            if exc.status != 410 or progress["mode"] != "incremental":
+            if exc.status == 400 and progress.get("page_token"):
+                log.info("calendar: saved page token refused, listing again from the start")
+                progress["page_token"] = None
+                continue
+            if exc.status != 410:
                 raise
             log.info("calendar: sync token expired, running a full sync")
-            progress = {"mode": "full", "sync_token": None, "page_token": None}
+            progress = {"mode": "full", "sync_token": None, "page_token": None,
+                        **({"time_min": progress["time_min"]} if progress.get("time_min") else {})}
+    raise clients.GoogleApiError(410, "fullSyncRequired", "Calendar kept refusing the listing")
 
 
 def _pages(run: SyncRun, service, progress: dict) -> None:

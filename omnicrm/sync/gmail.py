@@ -162,11 +162,6 @@ def sync_gmail(run: SyncRun) -> None:
     _full(run, service, progress)
 
 
-def _self_emails(run: SyncRun, progress: dict) -> set[str]:
-    account = progress.get("account") or (run.state.progress or {}).get("account")
-    return {account} if account else set()
-
-
 def _full(run: SyncRun, service, progress: dict) -> None:
     run.stats.mode = "full"
     if progress.get("mode") != "full":
@@ -174,12 +169,19 @@ def _full(run: SyncRun, service, progress: dict) -> None:
         progress = {"mode": "full", "history_id": profile["historyId"],
                     "account": normalise_email(profile.get("emailAddress", "")), "page_token": None}
         run.save_progress(progress)
-    self_emails = _self_emails(run, progress)
+    self_emails = {progress["account"]} if progress.get("account") else set()
     while True:
         params = {"userId": "me", "maxResults": page_size(LIST_PAGE), "includeSpamTrash": False}
         if progress.get("page_token"):
             params["pageToken"] = progress["page_token"]
-        page = clients.execute(service.users().messages().list(**params), "gmail messages.list")
+        try:
+            page = clients.execute(service.users().messages().list(**params), "gmail messages.list")
+        except clients.GoogleApiError as exc:
+            if exc.status != 400 or not progress.get("page_token"):
+                raise
+            log.info("gmail: saved page token refused, listing again from the start")
+            progress["page_token"] = None  # re-listing is harmless: writes are idempotent
+            continue
         ids = [m["id"] for m in page.get("messages") or []]
         oldest = _store(run, service, ids, self_emails)
         progress["page_token"] = page.get("nextPageToken")

@@ -55,7 +55,11 @@ def sync_contacts(run: SyncRun) -> None:
             log.info("people: other contacts were not granted; skipped")
             new_token = None
         except clients.GoogleApiError as exc:
-            if exc.reason in EXPIRED or exc.status == 410:
+            if exc.status == 400 and exc.reason not in EXPIRED and progress.get("page_token"):
+                log.info("people: saved page token refused, listing %s again", name)
+                progress.update({"page_token": None, "seen": []})
+                new_token = _follow(run, service, name, progress, groups)
+            elif exc.reason in EXPIRED or exc.status == 410:
                 log.info("people: %s sync token expired, listing everything", name)
                 progress.update({"mode": "full", "sync_token": None, "page_token": None, "seen": []})
                 new_token = _follow(run, service, name, progress, groups)
