@@ -268,7 +268,7 @@ def serve(settings: Settings, *, workers: int, kind: str, grace: float, schedule
                                  initial_delay=min(0.05, poll_seconds(settings)),
                                  max_delay=poll_seconds(settings), backoff=1.15, scheduler_interval=1,
                                  check_worker_health=True, health_check_interval=5, shutdown_timeout=grace)
-    log.warning("worker started: %s %s worker(s) on the %s queue, lease %gs", workers, kind, queue.backend,
+    log.info("worker started: %s %s worker(s) on the %s queue, lease %gs", workers, kind, queue.backend,
                 jobs.lease_seconds(settings),
                 extra={"fields": {"event": "worker_started", "workers": workers, "kind": kind,
                                   "queue": queue.backend, "pid": os.getpid()}})
@@ -285,7 +285,7 @@ def serve(settings: Settings, *, workers: int, kind: str, grace: float, schedule
             log.warning("released %s running job(s) after the %gs grace period: %s", len(released), grace,
                         ", ".join(map(str, released)),
                         extra={"fields": {"event": "jobs_released", "job_ids": released}})
-        log.warning("worker stopped", extra={"fields": {"event": "worker_stopped", "pid": os.getpid()}})
+        log.info("worker stopped", extra={"fields": {"event": "worker_stopped", "pid": os.getpid()}})
     return 0
 
 
