@@ -213,3 +213,15 @@ def test_users_are_isolated(env):
     env.fake.add_message({"From": "ann@x.org", "To": ME}, id="e1")
     env.sync(user="alice")
     assert emails_of(env.session, env.uid) == []
+
+
+def test_since_limits_a_full_sync(env, monkeypatch):
+    from datetime import datetime, timezone
+
+    monkeypatch.setenv("OMNICRM_SYNC_PAGE_SIZE", "20")
+    populate(env.fake, messages=100, correspondents=20)  # one message a minute from 2020-09-13 12:26 UTC
+    since = datetime(2020, 9, 13, 13, 0, tzinfo=timezone.utc)
+    env.sync(since=since)
+    times = env.session.scalars(select(Interaction.occurred_at).where(Interaction.user_id == env.uid)).all()
+    assert times and min(times) >= since
+    assert env.fake.counts["gmail.messages.list"] < 5  # stopped listing once past the date
