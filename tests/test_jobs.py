@@ -110,6 +110,27 @@ def test_exclusive_key_allows_one_running_job(fast):
     assert jobs.claim(fast, c, "owner-c")[0] is not None  # another source runs alongside
 
 
+def test_concurrent_claims_on_one_exclusive_key_let_exactly_one_run(fast):
+    ids = [add(fast, exclusive_key="sync:1:gmail") for _ in range(8)]
+    barrier = threading.Barrier(len(ids))
+    results = {}
+
+    def grab(job_id: int) -> None:
+        barrier.wait()
+        results[job_id] = jobs.claim(fast, job_id, f"owner-{job_id}")
+
+    threads = [threading.Thread(target=grab, args=(job_id,)) for job_id in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [job_id for job_id, (ctx, _) in results.items() if ctx is not None]
+    assert len(claimed) == 1
+    with session_scope(fast) as session:
+        statuses = sorted(session.scalars(select(Job.status).where(Job.id.in_(ids))))
+    assert statuses == ["queued"] * 7 + ["running"]
+
+
 def test_retry_backoff_then_dead_keeps_the_error(fast):
     jobs.register("t:fail", Recorder(fail_with=RuntimeError("server said 503")))
     job_id = add(fast, "t:fail", max_attempts=3)
