@@ -105,3 +105,15 @@ def test_every_jobs_command_has_help(cli):
         result = cli(*args, "--help")
         assert result.exit_code == 0
         assert len(result.stdout.split("Options")[0].strip().splitlines()) >= 2, args
+
+
+def test_background_import_runs_in_the_worker_and_records_its_summary(cli, tmp_path):
+    path = tmp_path / "people.csv"
+    path.write_text("display_name,email\nAnn,ann@example.com\nBob,bob@example.com\n")
+    queued = cli("contacts", "import", str(path), "--background")
+    assert queued.exit_code == 0, queued.stderr
+    job_id = queued.stdout.strip()
+    assert cli("worker", "--once").exit_code == 0
+    job = json.loads(cli("jobs", "show", job_id, "--format", "json").stdout)
+    assert (job["kind"], job["status"]) == ("import", "done")
+    assert job["result"]["created"] == 2
