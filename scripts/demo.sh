@@ -11,7 +11,14 @@ unset OMNICRM_DATABASE_URL OMNICRM_QUEUE_URL OMNICRM_USER OMNICRM_FORMAT OMNICRM
 trap 'rm -rf "$OMNICRM_HOME"' EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '$ omnicrm %s\n' "$*"; "$OMNICRM" "$@"; }
+run() {  # echo the command as a user would type it, then run it
+    local shown="" arg
+    for arg in "$@"; do
+        if [[ $arg =~ [^A-Za-z0-9@._,:/=+-] ]]; then shown+=" '$arg'"; else shown+=" $arg"; fi
+    done
+    printf '$ omnicrm%s\n' "$shown"
+    "$OMNICRM" "$@"
+}
 
 # --- contacts --------------------------------------------------------------------------------
 step "Create the database (OMNICRM_HOME=$OMNICRM_HOME)"
