@@ -64,8 +64,11 @@ def check_options(workers: int, kind: str) -> None:
 
 # --- --once -----------------------------------------------------------------------------------
 
-def drain(settings: Settings, workers: int) -> Counter:
-    """Run everything runnable now with `workers` threads; return outcome counts."""
+def drain(settings: Settings, workers: int, grace: float = 30.0) -> Counter:
+    """Run everything runnable now with `workers` threads; return outcome counts.
+
+    SIGINT/SIGTERM (from the main thread): take no new job, give running ones `grace` seconds,
+    then release the rest (counted as "released")."""
     from sqlalchemy import select
 
     from omnicrm.db import session_scope
@@ -145,13 +148,41 @@ def drain(settings: Settings, workers: int) -> Counter:
     threads = [threading.Thread(target=loop, name=f"omnicrm-once-{i + 1}", daemon=True) for i in range(workers)]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    with _signals_interrupt():
+        try:
+            for thread in threads:
+                thread.join()
+        except KeyboardInterrupt:
+            finished.set()
+            log.warning("stopping: running jobs get %gs to finish", grace,
+                        extra={"fields": {"event": "stopping", "grace": grace}})
+            deadline = time.monotonic() + grace
+            for thread in threads:
+                thread.join(max(deadline - time.monotonic(), 0))
+            released = jobs.release_running(settings)
+            outcomes["released"] += len(released)
+            if released:
+                log.warning("released %s running job(s): %s", len(released), ", ".join(map(str, released)),
+                            extra={"fields": {"event": "jobs_released", "job_ids": released}})
     return outcomes
 
 
+class _signals_interrupt:
+    """SIGTERM raises KeyboardInterrupt like SIGINT while draining (main thread only)."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def once_exit_code(outcomes: Counter) -> int:
-    return 1 if any(outcomes[s] for s in ("failed", "dead", "retry", "lost", "error")) else 0
+    return 1 if any(outcomes[s] for s in ("failed", "dead", "retry", "lost", "error", "released")) else 0
 
 
 # --- long-running -----------------------------------------------------------------------------
@@ -311,7 +342,7 @@ def run(settings: Settings, *, workers: int, kind: str = "thread", once: bool = 
         parse_schedule(schedule)
     configure_logging(settings)
     if once:
-        outcomes = drain(settings, workers)
+        outcomes = drain(settings, workers, grace)
         log.info("worker --once finished: %s", dict(outcomes) or "nothing to run",
                  extra={"fields": {"event": "drained", **dict(outcomes)}})
         return once_exit_code(outcomes)
