@@ -10,7 +10,12 @@ from typing import Annotated, Optional
 
 import click
 import typer
+import typer.core
 from typer.core import TyperGroup
+
+# Plain click help: with rich installed typer backslash-escapes "[required]" even when rich markup is off,
+# and rich formatting would slow every `--help`.
+typer.core.HAS_RICH = False
 
 from omnicrm import __version__
 from omnicrm.cli.common import AppState, setup_logging
