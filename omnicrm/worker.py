@@ -55,9 +55,11 @@ def parse_schedule(expression: str):
         raise InvalidInput(f"--schedule: {expression!r}: {exc}") from None
 
 
-def check_options(workers: int, kind: str) -> None:
+def check_options(workers: int, kind: str, grace: float = 30.0) -> None:
     if not 1 <= workers <= 256:
         raise InvalidInput("--workers: must be 1-256")
+    if not 0 <= grace <= 86400:
+        raise InvalidInput("--grace: must be 0-86400 seconds")
     if kind not in WORKER_KINDS:
         raise InvalidInput(f"--kind: {kind!r} is not one of {', '.join(WORKER_KINDS)}")
 
@@ -245,6 +247,20 @@ def _periodic(stop: threading.Event, interval: float, name: str, action, *, imme
     return thread
 
 
+def _die_with_parent() -> None:
+    """A forked worker process exits with its parent, even when the parent is killed with SIGKILL
+    (Linux); otherwise orphans would keep polling. Its job's lease then expires as usual."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
 def _reap_once(settings: Settings) -> None:
     report = jobs.reap_and_deliver(settings)
     if report.requeued or report.dead:
@@ -295,6 +311,8 @@ def serve(settings: Settings, *, workers: int, kind: str, grace: float, schedule
     if matches is not None:
         tick_state: dict = {}
         _periodic(stop, 1.0, "schedule", lambda: _schedule_tick(settings, matches, tick_state), immediately=True)
+    if kind == "process":
+        os.register_at_fork(after_in_child=_die_with_parent)
     consumer = _consumer_class()(queue.huey, workers=workers, worker_type=kind, periodic=False,
                                  initial_delay=min(0.05, poll_seconds(settings)),
                                  max_delay=poll_seconds(settings), backoff=1.15, scheduler_interval=1,
@@ -335,7 +353,7 @@ def configure_logging(settings: Settings) -> None:
 def run(settings: Settings, *, workers: int, kind: str = "thread", once: bool = False,
         schedule: str | None = None, grace: float = 30.0) -> int:
     """The `omnicrm worker` command body; returns the exit code."""
-    check_options(workers, kind)
+    check_options(workers, kind, grace)
     if schedule and once:
         raise InvalidInput("--schedule: cannot be combined with --once (cron already schedules --once runs)")
     if schedule:

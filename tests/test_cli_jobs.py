@@ -79,6 +79,7 @@ def test_errors_map_to_exit_codes(cli):
     assert bad_status.exit_code == 2 and "--status" in bad_status.stderr
     assert cli("worker", "--workers", "0").exit_code == 2
     assert cli("worker", "--kind", "greenlet").exit_code == 2
+    assert cli("worker", "--grace", "-1").exit_code == 2
     bad_cron = cli("worker", "--schedule", "61 * * * *")
     assert bad_cron.exit_code == 2 and "--schedule" in bad_cron.stderr
     assert cli("worker", "--schedule", "not cron").exit_code == 2

@@ -101,6 +101,11 @@ class Harness:
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # graceful: a process worker also stops its children
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
 
@@ -303,11 +308,16 @@ def test_exclusive_key_under_eight_workers(sql_harness):
 def test_process_workers(tmp_path, omnicrm_home):
     h = Harness(tmp_path, omnicrm_home, f"sqlite:///{omnicrm_home / 'omnicrm.db'}", None)
     try:
-        h.worker("--workers", "4", "--kind", "process")
+        parent = h.worker("--workers", "4", "--kind", "process")
         ids = [h.submit("test:record", {"seconds": 0.25}) for _ in range(6)]
         rows = h.wait_final(ids)
         assert {r.status for r in rows.values()} == {"done"}
-        assert len({pid for *_, pid, _ in h.events("start")}) >= 2
+        children = {pid for *_, pid, _ in h.events("start")}
+        assert len(children) >= 2 and parent.pid not in children
+        parent.kill()  # SIGKILL: the forked workers must not live on as orphans
+        parent.wait(5)
+        h.wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in children), timeout=10,
+                   what="the forked workers to exit with their parent")
     finally:
         h.stop()
         _cleanup_queue(h)
