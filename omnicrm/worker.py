@@ -86,7 +86,9 @@ def drain(settings: Settings, workers: int, grace: float = 30.0) -> Counter:
     queue.check()
     outcomes: Counter = Counter()
     lock = threading.Lock()
-    state = {"busy": 0, "buffer": [], "in_hand": set()}
+    # "waiting": jobs whose exclusive key is held by a job running in another process: not runnable
+    # now, and a drain does not wait for other processes.
+    state = {"busy": 0, "buffer": [], "in_hand": set(), "waiting": set()}
     finished = threading.Event()
     soon = jobs.exclusive_delay(settings)
 
@@ -100,11 +102,12 @@ def drain(settings: Settings, workers: int, grace: float = 30.0) -> Counter:
             due = []
         with session_scope(settings) as session:
             stamp = current_time()
-            ids = list(session.scalars(select(Job.id).where(Job.status == "queued", Job.run_after <= stamp)
+            waiting = Job.id.not_in(state["waiting"]) if state["waiting"] else Job.id.is_not(None)
+            ids = list(session.scalars(select(Job.id).where(Job.status == "queued", Job.run_after <= stamp, waiting)
                                        .order_by(Job.run_after, Job.id).limit(500)))
             if not ids and not due and state["busy"] == 0:
                 pending = session.scalar(select(Job.id).where(
-                    Job.status == "queued", Job.run_after <= stamp + timedelta(seconds=soon)).limit(1))
+                    Job.status == "queued", Job.run_after <= stamp + timedelta(seconds=soon), waiting).limit(1))
                 if pending is None:
                     finished.set()
         return list(dict.fromkeys(due + ids))
@@ -116,8 +119,8 @@ def drain(settings: Settings, workers: int, grace: float = 30.0) -> Counter:
             except Exception as exc:  # noqa: BLE001 - the table is the source of truth; keep draining
                 log.warning("queue read failed: %s", type(exc).__name__)
                 delivered = None
-            if delivered is not None:  # even a duplicate: the claim (compare-and-set) settles it
-                return delivered
+            if delivered is not None and delivered not in state["waiting"]:
+                return delivered  # even a duplicate: the claim (compare-and-set) settles it
             while state["buffer"]:
                 job_id = state["buffer"].pop(0)
                 if job_id not in state["in_hand"]:
@@ -138,6 +141,8 @@ def drain(settings: Settings, workers: int, grace: float = 30.0) -> Counter:
                 outcome = jobs.execute(settings, job_id)
                 with lock:
                     outcomes[outcome.status] += 1
+                    if outcome.status == "busy" and not _key_held_here(settings, job_id, state["in_hand"]):
+                        state["waiting"].add(job_id)
             except Exception:  # noqa: BLE001 - a database error on one job must not stop the drain
                 log.exception("job %s could not be run", job_id)
                 with lock:
@@ -181,6 +186,19 @@ class _signals_interrupt:
     def __exit__(self, *exc) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+
+def _key_held_here(settings: Settings, job_id: int, running_here: set[int]) -> bool:
+    """Is the job holding `job_id`'s exclusive key one this drain is running?"""
+    from sqlalchemy import select
+
+    from omnicrm.db import session_scope
+    from omnicrm.models import Job
+
+    with session_scope(settings) as session:
+        key = session.scalar(select(Job.exclusive_key).where(Job.id == job_id))
+        holder = session.scalar(select(Job.id).where(Job.exclusive_key == key, Job.status == "running"))
+    return holder is None or holder in running_here
 
 
 def once_exit_code(outcomes: Counter) -> int:

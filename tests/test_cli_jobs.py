@@ -118,3 +118,21 @@ def test_background_import_runs_in_the_worker_and_records_its_summary(cli, tmp_p
     job = json.loads(cli("jobs", "show", job_id, "--format", "json").stdout)
     assert (job["kind"], job["status"]) == ("import", "done")
     assert job["result"]["created"] == 2
+
+
+def test_worker_once_does_not_wait_for_a_key_held_by_another_process(cli):
+    import time
+
+    from omnicrm import jobs
+    from omnicrm.config import load_settings
+
+    settings = load_settings()
+    elsewhere = submit("test:record", exclusive_key="sync:1:gmail")
+    assert jobs.claim(settings, elsewhere, "another-host:1:abc")[0] is not None  # running in "another worker"
+    blocked = submit("test:record", exclusive_key="sync:1:gmail")
+    free = submit("noop")
+    started = time.monotonic()
+    assert cli("worker", "--once").exit_code == 0
+    assert time.monotonic() - started < 5
+    statuses = {r["id"]: r["status"] for r in listed(cli)}
+    assert statuses == {elsewhere: "running", blocked: "queued", free: "done"}
