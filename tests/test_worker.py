@@ -168,13 +168,13 @@ def max_concurrency(events) -> int:
 
 def test_worker_runs_jobs_in_parallel(harness):
     proc = harness.worker("--workers", "8")
-    ids = [harness.submit("test:record", {"seconds": 0.4}) for _ in range(16)]
+    ids = [harness.submit("test:record", {"seconds": 0.3}) for _ in range(12)]
     rows = harness.wait_final(ids)
     assert {r.status for r in rows.values()} == {"done"}
     events = harness.events()
     assert max_concurrency(events) >= 4
     span = max(t for *_, t in events) - min(t for *_, t in events)
-    assert span < 16 * 0.4 / 2  # well under one-at-a-time
+    assert span < 12 * 0.3 / 2  # well under one-at-a-time
     assert proc.poll() is None
 
 
@@ -224,7 +224,7 @@ def test_two_workers_on_one_postgresql_share_without_overlap(pg_url, tmp_path, o
         a, b = h.worker("--workers", "4"), h.worker("--workers", "4")
         for proc in (a, b):
             h.wait_for(lambda: "worker_started" in Path(proc.stderr_path).read_text(), what="worker start")
-        ids = [h.submit("test:record", {"seconds": 0.2}) for _ in range(24)]
+        ids = [h.submit("test:record", {"seconds": 0.2}) for _ in range(16)]
         rows = h.wait_final(ids)
         assert {r.status for r in rows.values()} == {"done"}
         starts = h.events("start")
