@@ -19,6 +19,7 @@ from omnicrm.sync.upsert import SyncRun, page_size
 log = logging.getLogger("omnicrm.sync.calendar")
 
 LIST_PAGE = 2500
+WRITE_CHUNK = 100
 
 
 def sync_calendar(run: SyncRun) -> None:
@@ -63,7 +64,10 @@ def _pages(run: SyncRun, service, progress: dict) -> None:
             progress["account"] = summary
         sweep = progress["mode"] == "full" and not progress.get("time_min")
         items = page.get("items") or []
-        run.atomically(lambda: [_store_event(run, event, progress.get("account")) for event in items])
+        for start in range(0, len(items), WRITE_CHUNK):  # short transactions (see gmail._store)
+            chunk = items[start:start + WRITE_CHUNK]
+            run.atomically(lambda: [_store_event(run, event, progress.get("account")) for event in chunk])
+            run.commit()
         if sweep:
             progress.setdefault("seen", []).extend(event["id"] for event in items if event.get("id"))
         progress["page_token"] = page.get("nextPageToken")

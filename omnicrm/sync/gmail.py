@@ -223,13 +223,12 @@ def _incremental(run: SyncRun, service, progress: dict) -> None:
         run.save_progress(progress)
 
 
-def _fetch(run: SyncRun, service, ids: list[str]) -> list[dict]:
+def _fetch(run: SyncRun, resource, ids: list[str]) -> list[dict]:
     messages: list[dict] = []
-    resource = service.users().messages()  # building a Resource is costly: once per page
     for start in range(0, len(ids), BATCH):
         chunk = ids[start:start + BATCH]
-        requests = {mid: resource.get(userId="me", id=mid, format="metadata",
-                                                         metadataHeaders=HEADERS) for mid in chunk}
+        requests = {mid: resource.get(userId="me", id=mid, format="metadata", metadataHeaders=HEADERS)
+                    for mid in chunk}
         got = clients.run_batch("gmail", run.settings, requests, missing_ok=True, what="gmail messages.get batch")
         messages.extend(got[mid] for mid in chunk if got.get(mid))
     return messages
@@ -237,10 +236,17 @@ def _fetch(run: SyncRun, service, ids: list[str]) -> list[dict]:
 
 def _store(run: SyncRun, service, ids: list[str], self_emails: set[str]) -> datetime | None:
     """Fetch, filter and write one page of messages; returns the oldest message time seen."""
-    if not ids:
-        return None
-    messages = _fetch(run, service, ids)
-    return run.atomically(lambda: _write(run, messages, self_emails))
+    oldest = None
+    resource = service.users().messages()  # building a Resource is costly: once per page
+    for start in range(0, len(ids), BATCH):
+        # One transaction per batch of 50: short transactions keep the parallel syncs from waiting on
+        # each other's locks. The page token is saved after the last batch, so a crash redoes the page.
+        messages = _fetch(run, resource, ids[start:start + BATCH])
+        found = run.atomically(lambda: _write(run, messages, self_emails))
+        run.commit()
+        if found is not None and (oldest is None or found < oldest):
+            oldest = found
+    return oldest
 
 
 def _write(run: SyncRun, messages: list[dict], self_emails: set[str]) -> datetime | None:

@@ -20,6 +20,7 @@ PERSON_FIELDS = "names,emailAddresses,phoneNumbers,organizations,memberships,met
 OTHER_FIELDS = "emailAddresses,names,phoneNumbers,metadata"
 OTHER_SCOPE = "https://www.googleapis.com/auth/contacts.other.readonly"
 LIST_PAGE = 1000
+WRITE_CHUNK = 100
 LISTS = ("connections", "other")
 LINK_SOURCE = {"connections": "google_contacts", "other": "google_other_contacts"}
 IGNORED_GROUPS = {"myContacts", "all", "chatBuddies", "blocked"}
@@ -93,7 +94,10 @@ def _follow(run: SyncRun, service, name: str, progress: dict, groups: "_Groups")
             request = service.otherContacts().list(readMask=OTHER_FIELDS, **params)
         page = clients.execute(request, f"people {name}.list")
         people = page.get("connections" if name == "connections" else "otherContacts") or []
-        run.atomically(lambda: _store_page(run, name, people, groups))
+        for start in range(0, len(people), WRITE_CHUNK):  # short transactions (see gmail._store)
+            chunk = people[start:start + WRITE_CHUNK]
+            run.atomically(lambda: _store_page(run, name, chunk, groups))
+            run.commit()
         if progress["mode"] == "full":
             progress["seen"].extend(p["resourceName"] for p in people if p.get("resourceName"))
         progress["page_token"] = page.get("nextPageToken")

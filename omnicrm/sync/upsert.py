@@ -34,6 +34,7 @@ CREATE_MODES = ("all", "wrote-to", "none")
 CREATE_MODE_ENV = "OMNICRM_SYNC_CREATE_CONTACTS"
 SAMPLE_SIZE = 10
 RACE_RETRIES = 5
+ADVISORY_SPACE = 72651010  # pg_advisory_xact_lock(space, user id): the per-user sync write lock
 CHUNK = 500
 
 
@@ -103,7 +104,8 @@ class SyncRun:
             self.session.add(state)
             self.session.flush()
         self.state = state
-        if self.full:  # (a preview rolls everything back at the end)
+        if self.full and (state.progress or {}).get("mode") != "full":
+            # (a full run that was interrupted resumes; a preview rolls everything back at the end)
             state.cursor, state.progress = None, None
         if not self.dry_run:
             state.last_attempt_at = clock_now()
@@ -137,6 +139,7 @@ class SyncRun:
         for attempt in range(RACE_RETRIES + 1):
             saved = copy.deepcopy(self.stats)
             try:
+                self._lock_writes()
                 result = write()
                 self.upsert.flush_page()
                 return result
@@ -150,6 +153,18 @@ class SyncRun:
                 self.stats.__dict__.update(saved.__dict__)
                 time.sleep(random.uniform(0.01, 0.1) * (attempt + 1))
         raise AssertionError("unreachable")
+
+    def _lock_writes(self) -> None:
+        """PostgreSQL: one writing sync transaction per user at a time (a transaction-scoped advisory
+        lock, taken before any write). The sources still fetch from Google in parallel; only their
+        short write transactions take turns, which avoids deadlocks between syncs creating the same
+        people in different orders. SQLite's BEGIN IMMEDIATE already serialises writers."""
+        bind = self.session.get_bind()
+        if bind.dialect.name == "postgresql":
+            from sqlalchemy import text
+
+            self.session.execute(text("SELECT pg_advisory_xact_lock(:space, :key)"),
+                                 {"space": ADVISORY_SPACE, "key": self.user_id % 2_147_483_647})
 
     def commit(self) -> None:
         self.upsert.flush_page()
