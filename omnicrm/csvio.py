@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, NamedTuple
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -382,7 +382,7 @@ class _Target:
 
     __slots__ = ("id", "new", "name", "company", "title", "emails", "phones", "tags", "notes", "manual",
                  "created_at", "updated_at", "last_at", "n_emails", "n_phones", "n_tags", "n_notes",
-                 "next_email_pos", "next_phone_pos", "changed", "line")
+                 "next_email_pos", "next_phone_pos", "changed", "line", "search")
 
     def __init__(self, *, id=None, new=True, name=None, company=None, title=None, manual=(), created_at=None,
                  updated_at=None, last_at=None, line=0):
@@ -397,18 +397,24 @@ class _Target:
         self.n_emails = self.n_phones = self.n_tags = self.n_notes = 0
         self.next_email_pos = self.next_phone_pos = 0
         self.changed = False
+        self.search: str | None = None
 
 
-@dataclass(slots=True)
-class _Row:
+class _Row(NamedTuple):
+    """A parsed, valid row (a plain tuple: it crosses the pipe from the reader process)."""
+
     line: int
     cells: list[str] | None
-    data: formats.RowData
+    name: str | None
+    company: str | None
+    title: str | None
+    notes: str | None
     emails: list[str]
     phones: list[tuple[str, str | None]]
     tags: list[str]
     created_at: datetime | None
     updated_at: datetime | None
+    search: str  # the search text if the row becomes a new contact (computed by the reader)
 
 
 class _Db:
@@ -697,7 +703,9 @@ class Importer:
         if errors:
             self._pending_rejects.append((line, cells if self.keep_cells else [], errors))
             return None
-        return _Row(line, cells if self.keep_cells else None, data, emails, phones, tags, created, updated)
+        return _Row(line, cells if self.keep_cells else None, data.display_name, data.company, data.title,
+                    data.notes, emails, phones, tags, created, updated,
+                    _search_text(data.display_name, data.company, emails, phones))
 
     def _owners(self, rows: list[_Row]) -> dict[str, int]:
         """Existing contacts (this user's) owning any email of the batch."""
@@ -745,19 +753,19 @@ class Importer:
 
     def _apply(self, row: _Row, owners: dict[str, int], index: dict[str, _Target], touched: list[_Target]) -> None:
         target = next((index[e] for e in row.emails if e in index), None)
-        data = row.data
         if target is None:
-            t = _Target(name=data.display_name, company=data.company, title=data.title, line=row.line,
+            t = _Target(name=row.name, company=row.company, title=row.title, line=row.line,
                         created_at=row.created_at or self.now,
                         updated_at=row.updated_at or row.created_at or self.now,
-                        manual=[f for f, v in (("display_name", data.display_name), ("company", data.company),
-                                               ("title", data.title)) if v])
-            t.emails = [e for e in row.emails if e not in owners]
+                        manual=[f for f, v in (("display_name", row.name), ("company", row.company),
+                                               ("title", row.title)) if v])
+            t.emails = list(row.emails)
             for e in t.emails:
                 index[e] = t
             t.phones = list(row.phones)
             t.tags = list(row.tags)
-            t.notes = [data.notes] if data.notes else []
+            t.notes = [row.notes] if row.notes else []
+            t.search = row.search
             touched.append(t)
             self.summary.created += 1
             self._plan(row, "create", t)
@@ -775,7 +783,7 @@ class Importer:
             return
         changed = False
         for attr, f in (("name", "display_name"), ("company", "company"), ("title", "title")):
-            value = getattr(data, f)
+            value = getattr(row, attr)
             if value and not getattr(target, attr):
                 setattr(target, attr, value)
                 target.manual.add(f)
@@ -794,11 +802,12 @@ class Importer:
             if tag not in target.tags:
                 target.tags.append(tag)
                 changed = True
-        if data.notes and data.notes not in target.notes:
-            target.notes.append(data.notes)
+        if row.notes and row.notes not in target.notes:
+            target.notes.append(row.notes)
             changed = True
         if changed and not target.changed:
             target.changed = True
+            target.search = None  # recomputed from the merged values
             if not target.new:
                 touched.append(target)
         self.summary.merged += 1
@@ -807,7 +816,7 @@ class Importer:
     def _plan(self, row: _Row, action: str, target: _Target) -> None:
         if self.on_plan:
             self.on_plan({"line": row.line, "action": action, "contact_id": None if target.new else target.id,
-                          "display_name": row.data.display_name, "email": row.emails[0] if row.emails else None,
+                          "display_name": row.name, "email": row.emails[0] if row.emails else None,
                           "detail": None if target.new else f"into {target.name or target.emails[0]}"})
 
     # -- writing --------------------------------------------------------------------------------
@@ -828,7 +837,7 @@ class Importer:
         contacts, updates, emails, phones, tag_rows = [], [], [], [], []
         tag_ids = self._tag_ids({tag for t in touched for tag in t.tags[t.n_tags:]})
         for t in touched:
-            text = _search_text(t.name, t.company, t.emails, t.phones)
+            text = t.search if t.search is not None else _search_text(t.name, t.company, t.emails, t.phones)
             manual = ",".join(f for f in ("display_name", "company", "title") if f in t.manual)
             last = ts(t.last_at) if t.last_at is not None else None
             if t.new:
