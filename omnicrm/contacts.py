@@ -29,6 +29,7 @@ EDITABLE = ("display_name", "company", "title")
 PAGE_SIZE_MAX = 200
 PAGE_MAX = 100_000
 TEXT_MAX = 10_000
+ID_MAX = 2**63 - 1  # ids are 64-bit integers
 
 
 def _eager(stmt):
@@ -167,7 +168,9 @@ def resolve(session: Session, user_id: int, ref: str) -> Contact:
     """A contact of this user by id or by any of its emails; anything else is "not found"."""
     ref = ref.strip()
     stmt = _eager(select(Contact)).where(Contact.user_id == user_id)
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():
+        if int(ref) > ID_MAX:  # no such row; the driver would overflow on it
+            raise NotFound(f"contact {ref!r} not found")
         stmt = stmt.where(Contact.id == int(ref))
     elif "@" in ref:
         stmt = stmt.where(Contact.id == select(ContactEmail.contact_id).where(

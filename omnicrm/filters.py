@@ -54,6 +54,8 @@ def created_range(spec: str, now: datetime) -> tuple[datetime | None, datetime |
     """[start, end) in UTC for `today|week|month|quarter|year|FROM..TO` (calendar periods, local time)."""
     today = now.astimezone().date()
     spec = spec.strip()
+    if len(spec) > 50:  # no period or date range is this long; do not echo megabytes back
+        raise InvalidInput(f"--created: {spec[:20]!r}… is not one of {', '.join(PERIODS)} or FROM..TO (ISO dates)")
     if spec in PERIODS:
         if spec == "today":
             start = today

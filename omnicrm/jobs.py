@@ -623,6 +623,8 @@ def reap_and_deliver(settings: Settings) -> ReapReport:
 
 
 def _get(session: Session, user_id: int, job_id: int) -> Job:
+    if not 0 < job_id < 2**63:  # no such row; the driver would overflow on it
+        raise NotFound(f"job {job_id} not found")
     job = session.scalar(select(Job).where(Job.id == job_id, Job.user_id == user_id))
     if job is None:
         raise NotFound(f"job {job_id} not found")
@@ -668,8 +670,8 @@ def retry(session: Session, user_id: int, job_id: int, *, now: datetime | None =
 
 def purge(session: Session, user_id: int | None, older_than_days: float, *, now: datetime | None = None) -> int:
     """Delete finished jobs (done, failed, dead, cancelled) older than the given days; None = all users."""
-    if older_than_days < 0:
-        raise InvalidInput("--older-than: must be 0 or more days")
+    if not 0 <= older_than_days <= 1_000_000:  # also NaN; a larger value overflows a date
+        raise InvalidInput("--older-than: must be 0-1000000 days")
     cutoff = (now or current_time()) - timedelta(days=older_than_days)
     stmt = delete(Job).where(Job.status.in_(FINAL), Job.finished_at < cutoff)
     if user_id is not None:

@@ -185,7 +185,8 @@ def note(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Contact id
 
 @app.command()
 def timeline(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Contact id or email.")],
-             limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many.")] = None,
+             limit: Annotated[Optional[int], typer.Option("--limit", min=1, max=1_000_000,
+                                                          help="At most this many.")] = None,
              fmt: FormatOpt = None) -> None:
     """Contact REF's emails, meetings and notes, newest first."""
     from omnicrm import contacts as svc
