@@ -111,7 +111,7 @@ def apply_filter(stmt: Select, user_id: int, flt: ContactFilter, now: datetime) 
     from sqlalchemy import and_, bindparam
     from sqlalchemy.orm import aliased
 
-    from omnicrm.search_index import not_driving
+    from omnicrm.search_index import many_tagged
 
     stmt = stmt.where(Contact.user_id == user_id)
     if flt.search:
@@ -123,12 +123,15 @@ def apply_filter(stmt: Select, user_id: int, flt: ContactFilter, now: datetime) 
         if end:
             stmt = stmt.where(Contact.created_at < end)
     if flt.tag_ids is not None:
-        # A join on the (contact_id, tag_id) key: streams (a count can stop early), no duplicates.
         for tag_id in flt.tag_ids:
-            tagged = aliased(ContactTag)
+            if flt.many:
+                stmt = stmt.where(many_tagged(tag_id))
+                continue
+            # A join on the (contact_id, tag_id) key: streams (a count can stop early), no duplicates.
             # The id inline in the SQL text (literal_execute): a statement psycopg prepares after a few
             # runs must not fall back to PostgreSQL's generic plan, which assumes an average tag size.
-            stmt = stmt.join(tagged, and_(tagged.contact_id == not_driving(Contact.id, flt.many),
+            tagged = aliased(ContactTag)
+            stmt = stmt.join(tagged, and_(tagged.contact_id == Contact.id,
                                           tagged.tag_id == bindparam(None, int(tag_id), literal_execute=True)))
     for tag in flt.tags if flt.tag_ids is None else ():
         tagged = (select(ContactTag.contact_id).join(Tag, Tag.id == ContactTag.tag_id)

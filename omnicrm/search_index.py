@@ -242,6 +242,52 @@ def not_driving(column, many: bool = False):
     return _NotDriving(column) if many else column
 
 
+class _PerEngine(ColumnElement[bool]):
+    """One condition written two ways: `sqlite` for SQLite, `default` (in parentheses) elsewhere."""
+
+    type = Boolean()
+    inherit_cache = True
+    _traverse_internals = [("default", InternalTraversal.dp_clauseelement),
+                           ("sqlite", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, default: ColumnElement, sqlite: ColumnElement):
+        self.default = default
+        self.sqlite = sqlite
+
+    def self_group(self, against=None):
+        return self
+
+
+@compiles(_PerEngine)
+def _compile_default(element: _PerEngine, compiler, **kw) -> str:
+    return "(" + compiler.process(element.default, **kw) + ")"
+
+
+@compiles(_PerEngine, "sqlite")
+def _compile_per_engine_sqlite(element: _PerEngine, compiler, **kw) -> str:
+    return compiler.process(element.sqlite, **kw)
+
+
+def many_tagged(tag_id: int) -> ColumnElement[bool]:
+    """"Has tag `tag_id`" for a tag known to be on many contacts: checked row by row while the sort index
+    is walked, so the first page costs ~page/share rows whatever the tag's size.
+
+    SQLite: a correlated EXISTS on the (contact_id, tag_id) key. PostgreSQL: `id IN (…) OR false`; the
+    OR keeps the planner from turning the IN into a join, so it filters the walk with one hash of the
+    tag's contacts (a join would probe an index per row: 20x slower for a 1% tag).
+    """
+    from sqlalchemy import bindparam, exists, literal_column, or_
+
+    from omnicrm.models import Contact, ContactTag
+
+    def tag():
+        return ContactTag.tag_id == bindparam(None, int(tag_id), literal_execute=True)
+
+    sqlite = exists().where(ContactTag.contact_id == Contact.id, tag())
+    default = or_(Contact.id.in_(select(ContactTag.contact_id).where(tag())), literal_column("false"))
+    return _PerEngine(default, sqlite)
+
+
 # --- indexes for listing ------------------------------------------------------------------------
 
 LIST_INDEXES = [
