@@ -45,6 +45,7 @@ NOTE_MAX = 100_000
 PHONE_MAX = 100
 TAG_MAX = 200
 MAX_KEPT_ERRORS = 100
+IMPORT_LOCK_KEY = 72651002  # pg_advisory_xact_lock(key, user_id): imports of one user run one at a time
 ON_DUPLICATE = ("merge", "skip", "error")
 DELIMITERS = {",": ",", ";": ";", "tab": "\t", "\\t": "\t", "\t": "\t", "|": "|"}
 _SEP = "\x1f"  # joins multi-values inside export queries (cannot occur in our data)
@@ -927,6 +928,10 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
     importer = Importer(session, user_id, source, options, **callbacks)
     db = importer.db
     if db.pg:
+        # One import per user at a time: a second import of overlapping rows waits here, then sees the
+        # first one's contacts (and merges into them) instead of failing on the unique email index.
+        # SQLite gets the same from BEGIN IMMEDIATE.
+        db.cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (IMPORT_LOCK_KEY, user_id))
         return importer.run()
     # A larger page cache for the bulk writes (index pages of 1M rows), and no memory map: mapped pages of
     # a big database would count as resident memory. Both back to what they were after.
