@@ -57,8 +57,27 @@ run contacts delete --tag temp --dry-run
 run contacts delete --tag temp --yes
 run contacts list --fields id,display_name,tags
 
-# --- CSV import/export (added by the CSV work) ---------------------------------------------------
+# --- CSV import/export -----------------------------------------------------------------------
+step "Import a Google Contacts CSV export (format detected from the header; dry run first)"
+run contacts import scripts/data/google_contacts.csv --dry-run
+run contacts import scripts/data/google_contacts.csv
+run contacts list --search globex
 
-# --- queued jobs and a worker (added by the jobs work) -------------------------------------------
+step "Export through a pipe (CSV with a header, formulas neutralised)"
+printf '$ omnicrm contacts export --portable | head -4\n'
+"$OMNICRM" contacts export --portable | head -4
+
+step "Export only one tag as JSON lines to a file, then count the lines"
+run contacts export --tag vip --format jsonl -o "$OMNICRM_HOME/vip.jsonl"
+wc -l < "$OMNICRM_HOME/vip.jsonl"
+
+# --- queued jobs and a worker -----------------------------------------------------------------
+step "Queue an import as a background job, then run a worker until the queue is empty"
+printf 'id,display_name,email,tags\n,Queued Person,queued@example.net,from-job\n' > "$OMNICRM_HOME/queued.csv"
+run contacts import "$OMNICRM_HOME/queued.csv" --background
+run jobs list
+run worker --workers 2 --once
+run jobs list --status done
+run contacts show queued@example.net
 
 step "Done"
