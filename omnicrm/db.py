@@ -81,7 +81,9 @@ def get_engine(url: str) -> Engine:
                                                           "check_same_thread": False})
                 _configure_sqlite(engine)
             else:
-                engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+                # A worker runs up to --workers handlers at once, each with its own session.
+                engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=45,
+                                       connect_args={"connect_timeout": 10})
             _engines[url] = engine
         return engine
 
