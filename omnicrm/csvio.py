@@ -1011,11 +1011,15 @@ def import_job(ctx) -> dict:
     source = open_csv(payload["path"], encoding=payload.get("encoding"), delimiter=payload.get("delimiter"),
                       source_format=options.source_format, mapping=options.mapping)
     rejects = RejectsWriter(payload.get("rejects"), source.header) if payload.get("rejects") else None
+    # SQLite: the import holds the database's write lock until it commits, so a lease renewal from this
+    # thread would wait out the whole busy timeout on every batch. Nobody can reap the job meanwhile
+    # (that is a write too); the worker's lease keeper renews it once the lock is free.
+    sqlite = ctx.settings.is_sqlite
     try:
         with ctx.session() as session:
             summary = import_contacts(session, ctx.user_id, source, options,
                                       on_reject=rejects.write if rejects else None,
-                                      on_progress=lambda _n: ctx.heartbeat())
+                                      on_progress=None if sqlite else lambda _n: ctx.heartbeat())
             if summary.failed:
                 session.rollback()
                 raise InvalidInput(f"{summary.rejected} invalid row(s), nothing imported; first: "

@@ -67,7 +67,7 @@ def build_service(name: str, version: str, credentials, settings: Settings):
     from googleapiclient.http import build_http
 
     http = google_auth_httplib2.AuthorizedHttp(credentials, http=build_http(), max_refresh_attempts=1)
-    http.http.timeout = HTTP_TIMEOUT_S
+    http.http.timeout = http_timeout()
     return build_from_document(_discovery_document(name, version, settings), http=http)
 
 
@@ -86,6 +86,15 @@ def new_batch(service_name: str, settings: Settings, callback=None):
 
 
 # --- retries --------------------------------------------------------------------------------------
+
+def http_timeout() -> float:
+    """Socket timeout of one API request; `OMNICRM_HTTP_TIMEOUT_SECONDS` changes it (tests, slow links)."""
+    try:
+        value = float(os.environ.get("OMNICRM_HTTP_TIMEOUT_SECONDS", HTTP_TIMEOUT_S))
+    except ValueError:
+        return HTTP_TIMEOUT_S
+    return value if 0 < value <= 600 else HTTP_TIMEOUT_S
+
 
 def retry_base_seconds() -> float:
     """First backoff step; `OMNICRM_RETRY_BASE_SECONDS` shrinks it for tests and benchmarks."""
