@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis) on SQLite and PostgreSQL.
 
 - export → import preserves every contact field for field, whatever the text (quotes, commas, newlines,
-  emoji, RTL, formula-looking cells, phones written any way);
+  emoji, RTL, formula-looking cells, phones written any way), and importing it again changes nothing;
 - email and phone normalisation are idempotent;
 - `contacts list` with random filter combinations returns exactly what a plain-Python filter over the
   same data returns, in the documented order.
@@ -79,7 +79,7 @@ def _user() -> str:
 
 @hsettings(max_examples=20, **PROFILE)
 @given(specs=st.lists(contact_specs(), min_size=1, max_size=5))
-def test_export_then_import_preserves_every_field(session, settings, specs):
+def test_export_then_import_preserves_every_field_and_reimport_changes_nothing(session, settings, specs):
     from omnicrm.db import user_id
 
     source_user, target_user = user_id(session, _user()), user_id(session, _user())
@@ -90,7 +90,7 @@ def test_export_then_import_preserves_every_field(session, settings, specs):
             continue
         made.append(svc.add_contact(session, source_user, name=spec["name"], emails=emails, phones=spec["phones"],
                                     company=spec["company"], title=spec["title"], tags=spec["tags"],
-                                    note=spec["note"]))
+                                    note=spec["note"] if clean_text(spec["note"]) else None))
     session.commit()
     assume(made)
     for fmt in ("csv",):
@@ -105,6 +105,30 @@ def test_export_then_import_preserves_every_field(session, settings, specs):
     before = [comparable(c) for c in svc.iter_contacts(session, source_user, ContactFilter(), sort="created")]
     after = [comparable(c) for c in svc.iter_contacts(session, target_user, ContactFilter(), sort="created")]
     assert after == before
+    # importing the same file again merges every contact that has an email into itself: no duplicate, no
+    # change (contacts without any email are matched by nothing: test_reimport_of_contacts_without_email)
+    summary = csvio.import_contacts(session, target_user, csvio.open_csv(io.BytesIO(data)), csvio.ImportOptions())
+    assert summary.rejected == 0
+    session.commit()
+    session.expire_all()
+    again = [comparable(c) for c in svc.iter_contacts(session, target_user, ContactFilter(), sort="created")]
+    assert [c for c in again if c["email"]] == [c for c in before if c["email"]]
+
+
+@pytest.mark.xfail(strict=True, reason="open item: import matches existing contacts by email only, so a "
+                   "contact without any email is created again on each re-import (the SPEC defines no other "
+                   "key; matching on the exported id or on name+company is a design change)")
+def test_reimport_of_contacts_without_email_creates_no_duplicate(session, settings):
+    from omnicrm.db import user_id
+
+    uid = user_id(session, _user())
+    svc.add_contact(session, uid, name="No Email", company="Acme")
+    session.commit()
+    out = io.StringIO()
+    csvio.export_contacts(session, uid, ContactFilter(), "csv", out)
+    csvio.import_contacts(session, uid, csvio.open_csv(io.BytesIO(out.getvalue().encode())), csvio.ImportOptions())
+    session.commit()
+    assert svc.list_contacts(session, uid, ContactFilter()).total == 1
 
 
 # --- normalisation is idempotent ---------------------------------------------------------------------
