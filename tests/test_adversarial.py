@@ -199,6 +199,7 @@ def test_invalid_utf8_and_binary_files_exit_2_and_write_nothing(cli, tmp_path, n
     check_rejected(cli, tmp_path, name)
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_binary_on_stdin_in_a_real_process_writes_nothing(omnicrm_cmd):
     result = omnicrm_cmd("contacts", "import", "-", input=BAD_INPUTS["invalid-utf8-after-30000-good-rows"])
     assert result.returncode == 2, result.stderr[-500:]

@@ -105,7 +105,7 @@ def test_database_lost_mid_import_is_exit_1_and_nothing_half_written(db_url, set
     """PostgreSQL: the import's backend is terminated (pg_terminate_backend) once it has written rows.
     SQLite: the process is killed with SIGKILL while it holds the write transaction. Either way no
     contact is left behind and the same import afterwards succeeds completely."""
-    big = write_csv(tmp_path / "big.csv", 0, 40_000)
+    big = write_csv(tmp_path / "big.csv", 0, 25_000)
     app = f"omnicrm_fault_{uuid.uuid4().hex[:8]}"
     url = f"{db_url}&application_name={app}" if not settings.is_sqlite else db_url
     env = {**os.environ, "OMNICRM_HOME": str(omnicrm_home), "OMNICRM_DATABASE_URL": url}

@@ -77,7 +77,7 @@ def _user() -> str:
 
 # --- export → import round trip ---------------------------------------------------------------------
 
-@hsettings(max_examples=20, **PROFILE)
+@hsettings(max_examples=15, **PROFILE)
 @given(specs=st.lists(contact_specs(), min_size=1, max_size=5))
 def test_export_then_import_preserves_every_field_and_reimport_changes_nothing(session, settings, specs):
     from omnicrm.db import user_id
@@ -216,7 +216,7 @@ def reference(rows: list[dict], search, tags, stale, created) -> list[int]:
     return [r["id"] for r in out]
 
 
-@hsettings(max_examples=25, **PROFILE)
+@hsettings(max_examples=20, **PROFILE)
 @given(rows=datasets(), data=st.data())
 def test_filtered_list_equals_reference_filter(session, settings, rows, data):
     from sqlalchemy import update
