@@ -285,3 +285,20 @@ def check_bound(cli, args, code, needle):
     assert needle in result.output, (args, result.output)
     no_traceback(result)
     assert count(cli) == 1
+
+
+def test_hostile_user_names_tag_renames_fields_and_sorts(cli):
+    user = "'; DROP TABLE users;--"
+    assert cli("--user", user, "contacts", "add", "--name", "Eve", "--tag", "a'b").exit_code == 0
+    renamed = cli("--user", user, "tags", "rename", "a'b", "$(id); DROP TABLE tags")
+    assert renamed.exit_code == 0, renamed.output
+    tags = json.loads(cli("--user", user, "tags", "list", "--format", "json").stdout)
+    assert tags == [{"tag": "$(id); drop table tags", "contacts": 1}]
+    for args, needle in [(("--fields", "id,display_name; DROP TABLE contacts"), "--fields"),
+                         (("--sort", "name; DROP TABLE contacts"), "--sort"),
+                         (("--order", "asc; DROP TABLE contacts"), "--order")]:
+        result = cli("--user", user, "contacts", "list", *args)
+        assert result.exit_code == 2 and needle in result.stderr, result.output
+    listed = json.loads(cli("--user", user, "contacts", "list", "--format", "json").stdout)
+    assert [c["display_name"] for c in listed] == ["Eve"]
+    assert count(cli) == 0  # the default user sees none of it
