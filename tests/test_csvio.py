@@ -233,3 +233,19 @@ def test_import_leaves_the_search_index_consistent(session):
     for term, count in (("zoe 1", 11), ("later pers", 1), ("4155550007", 1)):
         found = list_contacts(session, uid, ContactFilter(search=term))
         assert len(found.items) == count, term
+
+
+def test_big_postgresql_import_refreshes_statistics(session):
+    """Without statistics the planner takes a freshly imported table for empty (export scanned every contact
+    per batch at 1M rows); an import of ANALYZE_MIN_ROWS contacts or more analyzes the tables it filled."""
+    conn = session.connection()
+    if conn.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL statistics")
+    uid = user_id(session, "default")
+    rows = "".join(f"P{i},p{i}@example.com\n" for i in range(csvio.ANALYZE_MIN_ROWS))
+    summary = csvio.import_contacts(session, uid, opened("name,email\n" + rows), csvio.ImportOptions())
+    session.commit()
+    assert summary.created == csvio.ANALYZE_MIN_ROWS
+    estimate = session.connection().exec_driver_sql(
+        "SELECT reltuples FROM pg_class WHERE oid = 'contacts'::regclass").scalar()
+    assert estimate >= csvio.ANALYZE_MIN_ROWS * 0.9
