@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from sqlalchemy import Connection, Engine, create_engine, event, select, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -121,8 +121,19 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 _VERSION_TABLE = "CREATE TABLE IF NOT EXISTS omnicrm_schema (version INTEGER NOT NULL)"
 
 
+def schema_version(engine: Engine) -> int:
+    """The recorded schema version (0 for a new database), read without taking a write lock."""
+    with engine.execution_options(sqlite_read_only=True).connect() as conn:
+        if not inspect(conn).has_table("omnicrm_schema"):
+            return 0
+        return conn.execute(text("SELECT max(version) FROM omnicrm_schema")).scalar() or 0
+
+
 def migrate(engine: Engine) -> int:
     """Bring the schema to SCHEMA_VERSION; idempotent and safe when processes race."""
+    current = schema_version(engine)
+    if current >= SCHEMA_VERSION:  # the common case: no lock, so a running import does not block us
+        return current
     with engine.begin() as conn:  # SQLite: BEGIN IMMEDIATE serialises racing processes
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(72651001)"))
@@ -161,14 +172,19 @@ def describe_db_error(exc: Exception) -> str:
     return message
 
 
-def session_factory(settings: Settings) -> sessionmaker[Session]:
-    return sessionmaker(ready_engine(settings), expire_on_commit=False)
+def session_factory(settings: Settings, *, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions on the settings' database. `read_only` sessions start SQLite transactions DEFERRED, so
+    they read a WAL snapshot instead of waiting for a long writer (an import) to finish."""
+    engine = ready_engine(settings)
+    if read_only:
+        engine = engine.execution_options(sqlite_read_only=True)
+    return sessionmaker(engine, expire_on_commit=False)
 
 
 @contextmanager
-def session_scope(settings: Settings) -> Iterator[Session]:
+def session_scope(settings: Settings, *, read_only: bool = False) -> Iterator[Session]:
     """A session for one unit of work. The caller commits; anything uncommitted is rolled back."""
-    session = session_factory(settings)()
+    session = session_factory(settings, read_only=read_only)()
     try:
         yield session
     finally:

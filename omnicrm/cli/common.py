@@ -23,10 +23,11 @@ class AppState:
     _user_id: int | None = field(default=None, repr=False)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, *, read_only: bool = False) -> Iterator[Session]:
+        """A session for this command; commands that only read pass `read_only=True`."""
         from omnicrm.db import session_scope
 
-        with session_scope(self.settings) as session:
+        with session_scope(self.settings, read_only=read_only) as session:
             yield session
 
     def user_id(self, session: Session) -> int:

@@ -69,7 +69,7 @@ def show(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Contact id
     from omnicrm import contacts as svc
 
     st = state(ctx)
-    with st.session() as session:
+    with st.session(read_only=True) as session:
         contact = svc.resolve(session, st.user_id(session), ref)
         _print_contact(st, session, contact, st.fmt(fmt), timeline_limit=10)
 
@@ -157,7 +157,7 @@ def list_(
     output = st.fmt(fmt)
     chosen = svc.check_fields(fields, svc.TABLE_FIELDS if output == "table" else svc.FIELDS)
     flt = make_filter(search, created, tag, stale)
-    with st.session() as session:
+    with st.session(read_only=True) as session:
         result = svc.list_contacts(session, st.user_id(session), flt, sort=sort, order=order,
                                    page=page, page_size=page_size)
         emit(st, (svc.record(c) for c in result.items), chosen, output)
@@ -192,7 +192,7 @@ def timeline(ctx: typer.Context, ref: Annotated[str, typer.Argument(help="Contac
     from omnicrm import contacts as svc
 
     st = state(ctx)
-    with st.session() as session:
+    with st.session(read_only=True) as session:
         contact = svc.resolve(session, st.user_id(session), ref)
         entries = svc.timeline(session, contact, limit)
     output = st.fmt(fmt)

@@ -40,7 +40,7 @@ def export(
     if chosen not in ("csv", "json", "jsonl"):
         raise InvalidInput(f"--format: export writes csv, json or jsonl (got {chosen!r})")
     flt = make_filter(search, created, tag, stale)
-    with st.session() as session:
+    with st.session(read_only=True) as session:
         uid = st.user_id(session)
         if output and output != "-":
             try:

@@ -24,7 +24,7 @@ def follow_ups(
 
     st = state(ctx)
     output = st.fmt(fmt)
-    with st.session() as session:
+    with st.session(read_only=True) as session:
         found = insights.follow_ups(session, st.user_id(session), now(), limit)
     fields = insights.FOLLOW_UP_TABLE_FIELDS if output == "table" else insights.FOLLOW_UP_FIELDS
     emit(st, (f.record() for f in found), fields, output)

@@ -25,7 +25,7 @@ def list_(
     from omnicrm import jobs
 
     app_ = state(ctx)
-    with app_.session() as session:
+    with app_.session(read_only=True) as session:
         rows = jobs.list_jobs(session, app_.user_id(session), status=status, kind=kind, limit=limit)
         emit(app_, (jobs.record(job) for job in rows), jobs.LIST_FIELDS, app_.fmt(fmt))
 
@@ -38,7 +38,7 @@ def show(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID",
     from omnicrm.output import write_object
 
     app_ = state(ctx)
-    with app_.session() as session:
+    with app_.session(read_only=True) as session:
         job = jobs.show(session, app_.user_id(session), job_id)
     record, fmt = jobs.record(job), app_.fmt(fmt)
     if fmt in ("table", "csv"):  # nested payload/result as JSON text

@@ -17,7 +17,7 @@ def duplicates(ctx: typer.Context, fmt: FormatOpt = None) -> None:
 
     st = state(ctx)
     output = st.fmt(fmt)
-    with st.session() as session:
+    with st.session(read_only=True) as session:
         groups = find_duplicates(session, st.user_id(session))
     fields = ["group", "ids", "names", "reasons"] if output == "table" else DUPLICATE_FIELDS
     emit(st, (g.record(n) for n, g in enumerate(groups, 1)), fields, output)
@@ -82,7 +82,7 @@ def status(ctx: typer.Context, fmt: FormatOpt = None) -> None:
 
     st = state(ctx)
     output = st.fmt(fmt)
-    with st.session() as session:
+    with st.session(read_only=True) as session:
         data = collect(session, st.user_id(session), st.settings.user, now())
     if output in ("json", "jsonl"):
         write_object(data, output)

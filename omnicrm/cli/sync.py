@@ -103,6 +103,6 @@ def status(ctx: typer.Context, fmt: FormatOpt = None) -> None:
     from omnicrm import sync
 
     app_ = state(ctx)
-    with app_.session() as session:
+    with app_.session(read_only=True) as session:
         rows = sync.sync_status(session, app_.user_id(session))
     emit(app_, rows, sync.STATUS_FIELDS, app_.fmt(fmt))

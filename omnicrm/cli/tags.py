@@ -17,7 +17,7 @@ def list_(ctx: typer.Context, fmt: FormatOpt = None) -> None:
     from omnicrm.contacts import list_tags
 
     st = state(ctx)
-    with st.session() as session:
+    with st.session(read_only=True) as session:
         rows = list_tags(session, st.user_id(session))
     emit(st, rows, ["tag", "contacts"], st.fmt(fmt))
 
