@@ -132,3 +132,34 @@ def test_concurrent_init_in_real_processes(db_url, omnicrm_home):
         versions = [v for (v,) in conn.execute(text("SELECT version FROM omnicrm_schema ORDER BY version"))]
         conn.rollback()
     assert versions == [v for v, _ in db.MIGRATIONS]
+
+
+def test_read_commands_do_not_wait_for_a_sqlite_writer(omnicrm_home, monkeypatch):
+    """A long write (an import) holds SQLite's write lock; list/export/status read a snapshot meanwhile."""
+    import sqlite3
+    import time
+
+    from typer.testing import CliRunner
+
+    from omnicrm.cli import app
+
+    db = omnicrm_home / "omnicrm.db"
+    monkeypatch.setenv("OMNICRM_DATABASE_URL", f"sqlite:///{db}")
+    runner = CliRunner()
+    assert runner.invoke(app, ["contacts", "add", "--name", "Ann", "--company", "Old"]).exit_code == 0
+    from omnicrm.db import dispose_engines
+
+    dispose_engines()  # a new process would start here: schema check included
+    writer = sqlite3.connect(db, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("UPDATE contacts SET company = 'Uncommitted'")
+    try:
+        for args in (["contacts", "list", "--format", "csv"], ["contacts", "export"], ["status"]):
+            started = time.monotonic()
+            result = runner.invoke(app, args)
+            assert result.exit_code == 0, result.output
+            assert time.monotonic() - started < 5, args
+            assert "Uncommitted" not in result.stdout
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
