@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from google.oauth2.credentials import Credentials
 from sqlalchemy import func, select
 
 from omnicrm import contacts as contact_service
 from omnicrm.models import Contact, ContactEmail, Interaction, SyncState
-from omnicrm.sync import run_source
 from omnicrm.sync.gmail import message_summary, parse_addresses
-from tests.fakes.google_api import FakeGoogleApi, populate, snapshot
+from tests.fakes.google_api import FakeGoogleApi, populate
+from tests.fakes.sync_env import ME, sync_env
 
-ME = "me@example.com"
 
 
 @pytest.fixture
@@ -23,30 +21,8 @@ def fake():
 
 @pytest.fixture
 def env(db_url, fake, monkeypatch):
-    from omnicrm.config import load_settings
-    from omnicrm.db import session_scope, user_id
-
-    monkeypatch.setenv("OMNICRM_DATABASE_URL", db_url)
-    monkeypatch.setenv("OMNICRM_GOOGLE_API_ROOT", fake.root)
-    monkeypatch.setenv("OMNICRM_RETRY_BASE_SECONDS", "0.001")
-    settings = load_settings()
-    with session_scope(settings) as session:
-        class Env:
-            pass
-
-        e = Env()
-        e.settings, e.session, e.fake = settings, session, fake
-        e.uid = user_id(session, "default")
-        session.commit()
-
-        def sync(source="gmail", user=None, **kw):
-            uid = user_id(session, user) if user else e.uid
-            session.commit()
-            return run_source(session, settings, uid, source, Credentials(token="t"), **kw)
-
-        e.sync = sync
-        e.snap = lambda user=None: snapshot(session, user_id(session, user) if user else e.uid)
-        yield e
+    with sync_env(db_url, monkeypatch, "gmail", fake) as bench:
+        yield bench
 
 
 def emails_of(session, uid):

@@ -10,39 +10,15 @@ from sqlalchemy import func, select
 
 from omnicrm import contacts as contact_service
 from omnicrm.models import Contact, ExternalLink, SyncState
-from omnicrm.sync import run_source
-from tests.fakes.google_api import FakeGoogleApi, populate, snapshot
+from tests.fakes.google_api import populate
+from tests.fakes.sync_env import sync_env
 
-ME = "me@example.com"
 
 
 @pytest.fixture
 def env(db_url, monkeypatch):
-    from omnicrm.config import load_settings
-    from omnicrm.db import session_scope, user_id
-
-    with FakeGoogleApi(email=ME) as fake:
-        monkeypatch.setenv("OMNICRM_DATABASE_URL", db_url)
-        monkeypatch.setenv("OMNICRM_GOOGLE_API_ROOT", fake.root)
-        monkeypatch.setenv("OMNICRM_RETRY_BASE_SECONDS", "0.001")
-        settings = load_settings()
-        with session_scope(settings) as session:
-            class Env:
-                pass
-
-            e = Env()
-            e.settings, e.session, e.fake = settings, session, fake
-            e.uid = user_id(session, "default")
-            session.commit()
-
-            def sync(user=None, credentials=None, source="contacts", **kw):
-                uid = user_id(session, user) if user else e.uid
-                session.commit()
-                return run_source(session, settings, uid, source, credentials or Credentials(token="t"), **kw)
-
-            e.sync = sync
-            e.snap = lambda user=None: snapshot(session, user_id(session, user) if user else e.uid)
-            yield e
+    with sync_env(db_url, monkeypatch, "contacts") as bench:
+        yield bench
 
 
 def person(n, name, *emails, phone=None, org=None, labels=()):
