@@ -19,9 +19,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
-from omnicrm.models import Contact, ContactEmail, Job, SyncState, User
+from omnicrm.models import Contact, ContactEmail, Job, User
 from tests.fakes.google_api import FakeGoogleApi, populate
 from tests.fakes.google_oauth import FakeOAuthServer, connect_user
 

@@ -10,7 +10,7 @@ output, and that a full dump of alice's rows is byte-for-byte the same as before
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import select
 
 from omnicrm import models
 from tests.fakes.google_oauth import FakeOAuthServer, connect_user
