@@ -249,3 +249,30 @@ def test_big_postgresql_import_refreshes_statistics(session):
     estimate = session.connection().exec_driver_sql(
         "SELECT reltuples FROM pg_class WHERE oid = 'contacts'::regclass").scalar()
     assert estimate >= csvio.ANALYZE_MIN_ROWS * 0.9
+
+
+def test_sqlite_big_import_rebuilds_the_indexes_it_paused(session):
+    """A file big enough (judged by its size) imports without the listing indexes and builds them again
+    before the commit: afterwards the schema is exactly as before and the index data is sound."""
+    conn = session.connection()
+    if conn.dialect.name != "sqlite":
+        pytest.skip("SQLite index pause")
+    schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+    before = conn.exec_driver_sql(schema).all()
+    uid = user_id(session, "default")
+    source = opened("name,email,phone,tags\n" + "".join(
+        f"P{i},p{i}@example.com,(415) 555-{i:04d},t{i % 4}\n" for i in range(40)))
+    source.total_bytes = 10 * csvio._IndexPause.MIN_ROWS * csvio._IndexPause.BYTES_PER_ROW  # "a big file"
+    pause = csvio._IndexPause.start(csvio._Db(session), source)
+    assert pause is not None and any("ix_contacts_user_name" in sql for sql in pause.saved)
+    assert all("UNIQUE" not in sql and "(contact_id)" not in sql for sql in pause.saved)
+    pause.restore()
+    summary = csvio.import_contacts(session, uid, source, csvio.ImportOptions(batch_size=7))
+    session.commit()
+    assert summary.created == 40
+    assert session.connection().exec_driver_sql(schema).all() == before
+    assert session.connection().exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+    names = session.connection().exec_driver_sql(
+        "SELECT display_name FROM contacts INDEXED BY ix_contacts_user_name WHERE user_id = ? "
+        "ORDER BY display_name LIMIT 2", (uid,)).scalars().all()
+    assert names == ["P0", "P1"]
