@@ -45,6 +45,25 @@ def omnicrm_home(tmp_path, monkeypatch) -> Path:
     dispose_engines()
 
 
+@pytest.fixture
+def local_tz():
+    """Switch the process's local time zone (TZ + tzset) for one test, then restore it."""
+    import time
+
+    saved = os.environ.get("TZ")
+
+    def use(name: str) -> None:
+        os.environ["TZ"] = name
+        time.tzset()
+
+    yield use
+    if saved is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = saved
+    time.tzset()
+
+
 # --- PostgreSQL: one database per test run, one schema per test ------------------------------
 
 def _psycopg_url(url: str) -> str:

@@ -3,26 +3,6 @@
 import csv
 import io
 import json
-import os
-import time
-
-import pytest
-
-
-@pytest.fixture
-def local_tz():
-    saved = os.environ.get("TZ")
-
-    def use(name: str) -> None:
-        os.environ["TZ"] = name
-        time.tzset()
-
-    yield use
-    if saved is None:
-        os.environ.pop("TZ", None)
-    else:
-        os.environ["TZ"] = saved
-    time.tzset()
 
 
 def ok(run):

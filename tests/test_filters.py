@@ -1,30 +1,11 @@
 """The filter builder: --created periods in local time, validation messages, ordering, search terms."""
 
-import os
-import time
 from datetime import datetime, timezone
 
 import pytest
 
 from omnicrm.errors import InvalidInput
 from omnicrm.filters import ContactFilter, created_range, normalise_tag, order_by, search_term
-
-
-@pytest.fixture
-def local_tz():
-    """Switch the process's local time zone (TZ + tzset) for one test, then restore it."""
-    saved = os.environ.get("TZ")
-
-    def use(name: str) -> None:
-        os.environ["TZ"] = name
-        time.tzset()
-
-    yield use
-    if saved is None:
-        os.environ.pop("TZ", None)
-    else:
-        os.environ["TZ"] = saved
-    time.tzset()
 
 
 def utc(text: str) -> datetime:
