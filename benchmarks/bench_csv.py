@@ -20,8 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
+
+from pgscratch import scratch_database  # benchmarks/ is the script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "csv.json"
@@ -101,22 +102,6 @@ def pg_floor(url: str, csv_path: Path, work: Path) -> dict:
     return {"import_s": round(import_s, 2), "export_s": round(export_s, 2)}
 
 
-def pg_scratch(base: str):
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    plain = base.replace("postgresql+psycopg://", "postgresql://", 1)
-    name = f"omnicrm_bench_csv_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(plain, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(plain).set(database=name).render_as_string(hide_password=False)
-
-    def drop() -> None:
-        with psycopg.connect(plain, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    return url, drop
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description="CSV import/export benchmark")
     parser.add_argument("--quick", action="store_true", help="20,000 rows instead of the default")
@@ -140,14 +125,11 @@ def main() -> None:
         pg = os.environ.get("OMNICRM_BENCH_PG_URL") or os.environ.get("OMNICRM_TEST_PG_URL")
         if pg:
             print("postgresql ...", flush=True)
-            url, drop = pg_scratch(pg)
+            url, drop = scratch_database(pg, "omnicrm_bench_csv")
             try:
                 engines["postgresql"] = measure_engine("postgresql", url, csv_path, rows, work)
                 engines["postgresql"]["floor"] = pg_floor(url, csv_path, work)
             finally:
-                from omnicrm.db import dispose_engines
-
-                dispose_engines()
                 drop()
         else:
             engines["postgresql"] = {"skipped": "set OMNICRM_BENCH_PG_URL or OMNICRM_TEST_PG_URL"}

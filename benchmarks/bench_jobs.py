@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from pgscratch import scratch_database  # noqa: E402  (benchmarks/ is the script's folder)
 
 SLEEP = 0.1
 
@@ -113,26 +114,6 @@ def bench_backend(name: str, db_url: str, queue_url: str | None, sleep_jobs: int
     return figures
 
 
-def scratch_pg(base_url: str):
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    base = base_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    name = f"omnicrm_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(base).set(database=name).render_as_string(hide_password=False)
-
-    def drop() -> None:
-        from omnicrm.db import dispose_engines
-
-        dispose_engines()
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return url, drop
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="40 sleep jobs and 200 no-op jobs per backend")
@@ -145,7 +126,7 @@ def main() -> None:
           f"{os.cpu_count()} CPU(s)", flush=True)
     results["sqlite"] = bench_backend("sqlite", "sqlite:///{home}/omnicrm.db", None, sleep_jobs, noop_jobs)
     if pg:
-        url, drop = scratch_pg(pg)
+        url, drop = scratch_database(pg, "omnicrm_bench_jobs")
         try:
             results["postgresql"] = bench_backend("postgresql", url, None, sleep_jobs, noop_jobs)
         finally:
@@ -154,7 +135,7 @@ def main() -> None:
         print("  postgresql: skipped (set OMNICRM_BENCH_PG_URL or OMNICRM_TEST_PG_URL)")
     if rd:
         if pg:
-            url, drop = scratch_pg(pg)
+            url, drop = scratch_database(pg, "omnicrm_bench_jobs")
         else:
             url, drop = "sqlite:///{home}/omnicrm.db", (lambda: None)
         try:

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -39,6 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import searchdata  # noqa: E402
+from pgscratch import scratch_database  # noqa: E402  (benchmarks/ is the script's folder)
 
 from omnicrm.search_index import COUNT_CAP  # noqa: E402
 
@@ -69,30 +69,6 @@ def pg_server_url() -> str:
     url = os.environ.get("OMNICRM_BENCH_PG_URL") or os.environ.get("OMNICRM_TEST_PG_URL") \
         or "postgresql://postgres@127.0.0.1:5432/postgres"
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
-def create_pg_database(server: str) -> tuple[str, str] | None:
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    name = f"omnicrm_bench_{uuid.uuid4().hex[:8]}"
-    try:
-        with psycopg.connect(server, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error as exc:
-        log(f"PostgreSQL skipped: {str(exc).splitlines()[0]}")
-        return None
-    return name, make_url(server).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_pg_database(server: str, name: str) -> None:
-    import psycopg
-
-    from omnicrm.db import dispose_engines
-
-    dispose_engines()
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def prepare(url: str, home: Path, data) -> dict:
@@ -433,14 +409,16 @@ def main() -> int:
                                        work / "home", args.quick)
         if not args.no_pg:
             server = pg_server_url()
-            created = create_pg_database(server)
-            if created:
-                name, url = created
+            try:
+                url, drop = scratch_database(server)
+            except Exception as exc:  # noqa: BLE001 - no server: report SQLite alone
+                log(f"PostgreSQL skipped: {str(exc).splitlines()[0]}")
+            else:
                 try:
                     figures["postgresql"] = run_engine("postgresql", url, data, rows, random.Random(1),
                                                        work / "home-pg", args.quick)
                 finally:
-                    drop_pg_database(server, name)
+                    drop()
         env = {**installed_env(work), "OMNICRM_HOME": str(work / "home")}
         wall([str(BIN / "omnicrm"), "--help"], env, 1)
         figures["help_s"] = round(statistics.median(wall([str(BIN / "omnicrm"), "--help"], env, 7, "help")), 3)

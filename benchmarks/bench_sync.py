@@ -24,11 +24,11 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from pgscratch import scratch_database  # noqa: E402  (benchmarks/ is the script's folder)
 
 LATENCY = 0.020
 SOURCES = (("gmail", "gmail"), ("calendar", "calendar"), ("contacts", "people"))  # source, fake counter
@@ -83,23 +83,6 @@ def measure(root: str, db_url: str, home: Path, oauth) -> dict:
     return f
 
 
-def pg_scratch(base: str):
-    """A fresh database on the PostgreSQL server of `base`: (url, drop callback)."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    plain = base.replace("postgresql+psycopg://", "postgresql://", 1)
-    name = f"omnicrm_bench_sync_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(plain, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with psycopg.connect(plain, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return make_url(plain).set(database=name).render_as_string(hide_password=False), drop
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,000 messages, 100 events, 200 connections")
@@ -132,7 +115,7 @@ def main() -> None:
             else:
                 targets = [("sqlite", f"sqlite:///{home / 'omnicrm.db'}", None)]
                 if pg_base:
-                    url, drop = pg_scratch(pg_base)
+                    url, drop = scratch_database(pg_base, "omnicrm_bench_sync")
                     targets.append(("postgresql", url, drop))
             for name, url, drop in targets:
                 try:
