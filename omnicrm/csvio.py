@@ -33,7 +33,7 @@ from omnicrm.config import now as clock_now
 from omnicrm.errors import InvalidInput, OmniCrmError
 from omnicrm.filters import ContactFilter, apply_filter, normalise_tag
 from omnicrm.models import Contact
-from omnicrm.normalize import fold, is_valid_email, phone_search_parts, search_text, to_e164
+from omnicrm.normalize import fold, is_valid_email, phone_search_parts, to_e164
 
 EXPORT_COLUMNS = list(formats.NATIVE_COLUMNS)
 EXPORT_BATCH = 5000
@@ -1112,127 +1112,135 @@ class RejectsWriter:
 
 # --- export ---------------------------------------------------------------------------------------
 
-_EXPORT_CHILDREN = (
-    # (column in the row, SQL giving (contact_id, value) for a contact id range, in output order, joiner)
-    (2, "SELECT contact_id, email FROM contact_emails WHERE contact_id BETWEEN ? AND ? "
-        "ORDER BY contact_id, position", _SEP),
-    (3, "SELECT contact_id, coalesce(e164, raw) FROM contact_phones WHERE contact_id BETWEEN ? AND ? "
-        "ORDER BY contact_id, position", _SEP),
-    (6, "SELECT ct.contact_id, t.name FROM contact_tags ct JOIN tags t ON t.id = ct.tag_id "
-        "WHERE ct.contact_id BETWEEN ? AND ? ORDER BY ct.contact_id, t.name", _SEP),
-    (7, "SELECT contact_id, body FROM notes WHERE contact_id BETWEEN ? AND ? ORDER BY contact_id, id", "\n"),
-)
-# PostgreSQL joins the values itself (string_agg with its own ORDER BY): one row per contact reaches Python.
-_EXPORT_CHILDREN_PG = (
-    "SELECT contact_id, string_agg(email, %s ORDER BY position) FROM contact_emails "
-    "WHERE contact_id BETWEEN %s AND %s GROUP BY contact_id",
-    "SELECT contact_id, string_agg(coalesce(e164, raw), %s ORDER BY position) FROM contact_phones "
-    "WHERE contact_id BETWEEN %s AND %s GROUP BY contact_id",
-    "SELECT ct.contact_id, string_agg(t.name, %s ORDER BY t.name) FROM contact_tags ct JOIN tags t ON "
-    "t.id = ct.tag_id WHERE ct.contact_id BETWEEN %s AND %s GROUP BY ct.contact_id",
-    "SELECT contact_id, string_agg(body, %s ORDER BY id) FROM notes WHERE contact_id BETWEEN %s AND %s "
-    "GROUP BY contact_id",
-)
+def _aggregates(pg: bool, joiner: str) -> list[str]:
+    """SQL for the emails, phones, tags and notes columns of contact `c`, each joined in its order."""
+    sep = "chr(31)" if joiner == _SEP else "';'"
+    if pg:
+        return [f"string_agg(email, {sep} ORDER BY position) AS v FROM contact_emails",
+                f"string_agg(coalesce(e164, raw), {sep} ORDER BY position) AS v FROM contact_phones",
+                f"string_agg(t.name, {sep} ORDER BY t.name) AS v FROM contact_tags ct JOIN tags t ON t.id = ct.tag_id",
+                "string_agg(body, chr(10) ORDER BY id) AS v FROM notes"]
+    sep = sep.replace("chr", "char")
+    # SQLite: a correlated subquery per column, served by the (contact_id, position) indexes.
+    return [f"(SELECT group_concat(email, {sep}) FROM (SELECT email FROM contact_emails WHERE contact_id = c.id "
+            "ORDER BY position))",
+            f"(SELECT group_concat(p, {sep}) FROM (SELECT coalesce(e164, raw) AS p FROM contact_phones "
+            "WHERE contact_id = c.id ORDER BY position))",
+            f"(SELECT group_concat(name, {sep}) FROM (SELECT t.name FROM contact_tags ct JOIN tags t ON "
+            "t.id = ct.tag_id WHERE ct.contact_id = c.id ORDER BY t.name))",
+            "(SELECT group_concat(body, char(10)) FROM (SELECT body FROM notes WHERE contact_id = c.id ORDER BY id))"]
 
 
-def _id_batches(conn, cur, mark: str, user_term: str, user_id: int, flt: ContactFilter, now: datetime,
-                batch: int) -> Iterator[list[int]]:
-    """The matching contact ids in ascending batches.
+def _pg_aggregate_joins(c, user_id: int, joiner: str, filtered: bool):
+    """PostgreSQL: `c` joined to its emails, phones, tags and notes, each joined into one text `v`.
 
-    SQLite, no filter: keyset pages on the primary key. Otherwise one streamed query (a server-side
-    cursor on PostgreSQL), cut into batches: its plan is chosen once, so even without fresh statistics
-    (right after a big import) it never becomes a scan of the user's remaining contacts per batch."""
-    if flt.empty and mark == "?":
-        sql = (f"SELECT id FROM contacts WHERE {user_term} = {mark} AND id > {mark} ORDER BY id LIMIT {batch}")
-        last = 0
-        while True:
-            cur.execute(sql, (user_id, last))
-            ids = [r[0] for r in cur.fetchall()]
-            if not ids:
-                return
-            yield ids
-            last = ids[-1]
-    # Filters: one streamed query in id order (the filter's own SQL), cut into batches.
-    stmt = apply_filter(select(Contact.id), user_id, flt.validate(), now).order_by(Contact.id)
-    result = conn.execution_options(stream_results=True, yield_per=batch).execute(stmt)
-    for part in result.scalars().partitions(batch):
-        yield list(part)
+    A whole export aggregates each table for the user in one pass (GROUP BY, then merge joins); a
+    filtered one looks up only the matching contacts' rows (LATERAL)."""
+    from sqlalchemy import Integer, Text, text, true
+
+    joined, values = c, []
+    for name, agg in zip(("e", "p", "t", "n"), _aggregates(True, joiner)):
+        owner = "ct.contact_id" if name == "t" else "contact_id"
+        if filtered:
+            part = text(f"SELECT {agg} WHERE {owner} = c.id").columns(v=Text).lateral(name)
+            joined = joined.outerjoin(part, true())
+        else:
+            user_col = "t.user_id" if name == "t" else "user_id"
+            part = text(f"SELECT {owner} AS contact_id, {agg} WHERE {user_col} = :agg_user GROUP BY {owner}"
+                        ).bindparams(agg_user=user_id).columns(contact_id=Integer, v=Text).subquery(name)
+            joined = joined.outerjoin(part, part.c.contact_id == c.c.id)
+        values.append(part.c.v)
+    return joined, values
+
+
+def _iso_sql(column: str, pg: bool) -> str:
+    """ISO 8601 text of a stored (naive UTC) timestamp, as Python's isoformat() + '+00:00' writes it."""
+    if pg:
+        return (f"to_char({column}, 'YYYY-MM-DD\"T\"HH24:MI:SS') || CASE WHEN date_trunc('second', {column}) = "
+                f"{column} THEN '' ELSE to_char({column}, '.US') END || '+00:00'")
+    # SQLite stores 'YYYY-MM-DD HH:MM:SS.ffffff'
+    return (f"substr({column}, 1, 10) || 'T' || CASE WHEN substr({column}, 20) = '.000000' "
+            f"THEN substr({column}, 12, 8) ELSE substr({column}, 12) END || '+00:00'")
+
+
+def _export_select(user_id: int, flt: ContactFilter, now: datetime, pg: bool, joiner: str, columns: list[str],
+                   guard: bool = False):
+    """One SELECT giving every matching contact in `columns` (native export columns), oldest id first.
+
+    With `guard` (the PostgreSQL CSV), text cells a spreadsheet would run as a formula get their leading
+    `'` in SQL, by the same two regular expressions as `omnicrm.output.neutralise`, and empty text is NULL
+    (COPY would quote an empty string; the CSV writer writes both as an empty cell)."""
+    from sqlalchemy import and_, case, func, literal, literal_column, text
+
+    from omnicrm.output import FORMULA_START_PATTERN, GUARDED_FIRST, PLAIN_CELL_PATTERN
+
+    c = Contact.__table__.alias("c")
+    if pg:
+        source, (emails, phones, tags, notes) = _pg_aggregate_joins(c, user_id, joiner, not flt.empty)
+    else:
+        source, (emails, phones, tags, notes) = c, map(literal_column, _aggregates(False, joiner))
+    sql = {"id": c.c.id, "display_name": c.c.display_name, "email": emails, "phone": phones,
+           "company": c.c.company, "title": c.c.title, "tags": tags, "notes": notes,
+           "created_at": literal_column(_iso_sql("c.created_at", pg)),
+           "updated_at": literal_column(_iso_sql("c.updated_at", pg))}
+    selected = []
+    for name in columns:
+        expr = sql[name]
+        if guard and name not in formats.TIMESTAMP_COLUMNS:
+            bare = func.ltrim(expr, "'")
+            expr = case((and_(func.ascii(expr).in_([ord(ch) for ch in GUARDED_FIRST]), bare.op("~")(FORMULA_START_PATTERN),
+                              bare.op("!~")(PLAIN_CELL_PATTERN)), literal("'").concat(expr)),
+                        else_=func.nullif(expr, ""))
+        selected.append(expr.label(name))
+    # `+c.user_id` (SQLite) keeps the scan on the primary key, in id order, instead of a (user_id, …) index.
+    owner = text("c.user_id = :export_user" if pg else "+c.user_id = :export_user").bindparams(export_user=user_id)
+    stmt = select(*selected).select_from(source).where(owner).order_by(c.c.id)
+    if not flt.empty:
+        stmt = stmt.where(c.c.id.in_(apply_filter(select(Contact.id), user_id, flt.validate(), now)))
+    return stmt
 
 
 def iter_export_batches(session: Session, user_id: int, flt: ContactFilter, *, now: datetime | None = None,
-                        batch: int = EXPORT_BATCH, joiner: str = _SEP, threaded: bool = True) -> Iterator[list[list]]:
-    """Every matching contact as native-column lists, oldest id first, a batch at a time (constant memory).
-
-    Emails, phones and tags come joined with `joiner`, notes with newlines, timestamps as ISO 8601
-    strings. With `threaded`, a reader thread runs the next batch's queries while the caller writes.
-    """
+                        batch: int = EXPORT_BATCH, joiner: str = _SEP, columns: list[str] | None = None,
+                        threaded: bool = True) -> Iterator[list]:
+    """Every matching contact as a row of `columns` (default: all native columns), oldest id first, a
+    batch at a time (constant memory). Emails, phones and tags come joined with `joiner`, notes with
+    newlines, timestamps as ISO 8601 text. With `threaded`, a reader thread fetches the next batch while
+    the caller writes this one (SQLite steps its statement without holding the GIL)."""
+    now = now or clock_now()
+    flt.validate()
     conn = session.connection(execution_options={"sqlite_read_only": True})
-    if conn.dialect.name == "postgresql":
-        yield from _export_batches(conn, user_id, flt, now, batch, joiner, threaded)
+    pg = conn.dialect.name == "postgresql"
+    stmt = _export_select(user_id, flt, now, pg, joiner, columns or EXPORT_COLUMNS)
+
+    def batches() -> Iterator[list]:
+        result = conn.execute(stmt, execution_options={"stream_results": True, "yield_per": batch})
+        yield from result.partitions(batch)
+
+    if pg:
+        yield from (_prefetched(batches()) if threaded else batches())
         return
     # SQLite: read through the small page cache, not the memory map (mapped pages count as resident).
     cur = conn.connection.driver_connection.cursor()
     previous = _sqlite_pragmas(cur, mmap_size=0)
     try:
-        yield from _export_batches(conn, user_id, flt, now, batch, joiner, threaded)
+        yield from (_prefetched(batches()) if threaded else batches())
     finally:
         _sqlite_pragmas(cur, **previous)
 
 
-def _export_batches(conn, user_id: int, flt: ContactFilter, now: datetime | None, batch: int, joiner: str,
-                    threaded: bool) -> Iterator[list[list]]:
+def _prefetched(items: Iterator) -> Iterator:
+    """`items`, produced one step ahead by a reader thread."""
     import queue
     import threading
 
-    now = now or clock_now()
-    flt.validate()
-    pg = conn.dialect.name == "postgresql"
-    mark = "%s" if pg else "?"
-    # Either engine may pick a (user_id, …) index and scan every contact of the user per batch (PostgreSQL
-    # does without statistics, e.g. right after a big import): `+user_id` / `user_id + 0` keeps the id range
-    # on the primary key.
-    user_term = "user_id + 0" if pg else "+user_id"
-    driver = conn.connection.driver_connection
-    main_sql = (f"SELECT id, display_name, company, title, created_at, updated_at "
-                f"FROM contacts WHERE {user_term} = {mark} AND id BETWEEN {mark} AND {mark} ORDER BY id")
-    children = [(sql.replace("?", mark), sep if sep == "\n" else joiner) for _col, sql, sep in _EXPORT_CHILDREN]
-    iso = _IsoCache()
-
-    def batches() -> Iterator[list[list]]:
-        cur = driver.cursor()
-        for ids in _id_batches(conn, cur, mark, user_term, user_id, flt, now, batch):
-            lo, hi = ids[0], ids[-1]
-            cur.execute(main_sql, (user_id, lo, hi))
-            rows = cur.fetchall()
-            if hi - lo + 1 != len(ids):
-                wanted = set(ids)
-                rows = [r for r in rows if r[0] in wanted]
-            values: list[dict[int, str]] = []
-            for (sql, sep), pg_sql in zip(children, _EXPORT_CHILDREN_PG):
-                if pg:
-                    cur.execute(pg_sql, (sep, lo, hi))
-                    values.append(dict(cur.fetchall()))
-                    continue
-                cur.execute(sql, (lo, hi))
-                grouped: dict[int, str] = {}
-                for cid, value in cur.fetchall():
-                    have = grouped.get(cid)
-                    grouped[cid] = value if have is None else have + sep + value
-                values.append(grouped)
-            emails, phones, tags, notes = (v.get for v in values)
-            yield [[r[0], r[1], emails(r[0]), phones(r[0]), r[2], r[3], tags(r[0]), notes(r[0]),
-                    iso(r[4]), iso(r[5])] for r in rows]
-
-    if not threaded:
-        yield from batches()
-        return
     ahead: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     done = object()
 
     def produce() -> None:
         try:
-            for item in batches():
+            for item in items:
                 while not stop.is_set():
                     try:
                         ahead.put(item, timeout=0.2)
@@ -1260,28 +1268,26 @@ def _export_batches(conn, user_id: int, flt: ContactFilter, now: datetime | None
         reader.join()
 
 
-class _IsoCache:
-    """ISO 8601 text of a stored timestamp; bulk-imported rows share theirs, so remember the last one."""
-
-    def __init__(self):
-        self.last_in: Any = None
-        self.last_out: str | None = None
-
-    def __call__(self, value) -> str | None:
-        if value == self.last_in:
-            return self.last_out
-        self.last_in, self.last_out = value, _iso(value)
-        return self.last_out
-
-
-def _iso(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):  # SQLite storage: 'YYYY-MM-DD HH:MM:SS.ffffff' (naive UTC)
-        if value.endswith(".000000"):
-            value = value[:-7]
-        return value[:10] + "T" + value[11:] + "+00:00"
-    return value.isoformat() + "+00:00"
+def _copy_csv(session: Session, user_id: int, flt: ContactFilter, now: datetime, columns: list[str],
+              stream: IO[str]) -> int:
+    """PostgreSQL: the server writes the CSV itself (`COPY (SELECT …) TO STDOUT`, formula guard in SQL)
+    and this process only passes the text on, so the export runs at the server's speed on its own core."""
+    conn = session.connection()
+    compiled = _export_select(user_id, flt, now, True, ";", columns, guard=True).compile(
+        dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    cur = conn.connection.driver_connection.cursor()
+    stream.write(",".join(columns) + "\n")
+    pending: list = []
+    size = 0
+    with cur.copy(f"COPY ({compiled}) TO STDOUT WITH (FORMAT csv)", compiled.params) as copy:
+        for data in copy:
+            pending.append(data)
+            size += len(data)
+            if size >= 1 << 18:  # each message is one whole row, so a joined group decodes cleanly
+                stream.write(b"".join(pending).decode())
+                pending, size = [], 0
+    stream.write(b"".join(pending).decode())
+    return cur.rowcount
 
 
 def export_contacts(session: Session, user_id: int, flt: ContactFilter, fmt: str, stream: IO[str], *,
@@ -1292,22 +1298,23 @@ def export_contacts(session: Session, user_id: int, flt: ContactFilter, fmt: str
     """
     from omnicrm.output import write_records, write_rows
 
-    columns = [c for c in EXPORT_COLUMNS if not (portable and c in formats.TIMESTAMP_COLUMNS)]
-    keep = [EXPORT_COLUMNS.index(c) for c in columns]
-    if fmt == "csv":
-        batches = iter_export_batches(session, user_id, flt, now=now, joiner=";")
-        if portable:
-            batches = ([[row[i] for i in keep] for row in part] for part in batches)
-        return write_rows(columns, batches, stream)
-    if fmt not in ("json", "jsonl"):
+    if fmt not in ("csv", "json", "jsonl"):
         raise InvalidInput(f"--format: export writes csv, json or jsonl (got {fmt!r})")
-    multi = {2, 3, 6}
+    now = now or clock_now()
+    flt.validate()
+    columns = [c for c in EXPORT_COLUMNS if not (portable and c in formats.TIMESTAMP_COLUMNS)]
+    if fmt == "csv":
+        if session.get_bind().dialect.name == "postgresql":
+            return _copy_csv(session, user_id, flt, now, columns, stream)
+        return write_rows(columns, iter_export_batches(session, user_id, flt, now=now, joiner=";", columns=columns),
+                          stream)
+    multi = {"email", "phone", "tags"}
 
     def records() -> Iterator[dict]:
-        for part in iter_export_batches(session, user_id, flt, now=now):
+        for part in iter_export_batches(session, user_id, flt, now=now, columns=columns):
             for row in part:
-                yield {EXPORT_COLUMNS[i]: (row[i].split(_SEP) if row[i] else []) if i in multi else row[i]
-                       for i in keep}
+                yield {name: (value.split(_SEP) if value else []) if name in multi else value
+                       for name, value in zip(columns, row)}
     return write_records(records(), columns, fmt, stream)
 
 

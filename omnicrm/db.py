@@ -112,9 +112,18 @@ def _m2_search_index(conn: Connection) -> None:
     search_index.create_list_indexes(conn)
 
 
+def _m3_child_position_indexes(conn: Connection) -> None:
+    # Emails and phones of a contact in their stored order straight from an index (export reads them per
+    # contact); the new indexes replace the contact_id-only ones.
+    for table in ("contact_emails", "contact_phones"):
+        conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_{table}_contact_position ON {table} (contact_id, position)")
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS ix_{table}_contact_id")
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _m1_initial),
     (2, _m2_search_index),
+    (3, _m3_child_position_indexes),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -103,11 +103,12 @@ class ContactEmail(Base):
     __tablename__ = "contact_emails"
     id: Mapped[int] = mapped_column(IdType, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), index=True)
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
     email: Mapped[str] = mapped_column(String(320))
     position: Mapped[int] = mapped_column(Integer, default=0)  # 0 = primary
     contact: Mapped[Contact] = relationship(back_populates="emails")
-    __table_args__ = (UniqueConstraint("user_id", "email", name="uq_contact_emails_user_email"),)
+    __table_args__ = (UniqueConstraint("user_id", "email", name="uq_contact_emails_user_email"),
+                      Index("ix_contact_emails_contact_position", "contact_id", "position"))
 
     @property
     def is_primary(self) -> bool:
@@ -118,12 +119,13 @@ class ContactPhone(Base):
     __tablename__ = "contact_phones"
     id: Mapped[int] = mapped_column(IdType, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
-    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), index=True)
+    contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
     raw: Mapped[str] = mapped_column(Text)
     e164: Mapped[str | None] = mapped_column(String(32))
     position: Mapped[int] = mapped_column(Integer, default=0)
     contact: Mapped[Contact] = relationship(back_populates="phones")
-    __table_args__ = (Index("ix_contact_phones_user_e164", "user_id", "e164"),)
+    __table_args__ = (Index("ix_contact_phones_user_e164", "user_id", "e164"),
+                      Index("ix_contact_phones_contact_position", "contact_id", "position"))
 
     @property
     def value(self) -> str:

@@ -9,8 +9,6 @@ import sys
 from datetime import date, datetime
 from typing import IO, Any, Iterable
 
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
 
 def neutralise(value: str) -> str:
     """OWASP CSV injection guard: prefix `'` to a cell a spreadsheet would run as a formula.
@@ -29,27 +27,21 @@ def unneutralise(value: str) -> str:
     return value
 
 
-_GUARDED_FIRST = frozenset("=+-@\t\r'")
-_PLAIN_EMAIL = re.compile(r"^[+\-][A-Za-z0-9._%+\-]*@[A-Za-z0-9.\-]+$")
-
-
-_PLAIN_NUMBERS = re.compile(r"^[+\-]\d[\d ().\-]*(?:;[+\-]?\d[\d ().\-]*)*$")
+GUARDED_FIRST = sorted("=+-@\t\r'")  # the first characters worth a closer look
+_GUARDED_FIRST = frozenset(GUARDED_FIRST)
+# The rules as two regular expressions, shared with the PostgreSQL export (omnicrm/csvio.py), which applies
+# them in SQL: a cell is a formula when it starts with one of = + - @ tab CR, unless every `;`-separated
+# part of it is plain data: empty, not starting with one of those, a signed number or phone
+# (+14155550101, +1 (415) 555-0101, -42), or an email address with a leading + or - (+news@example.com).
+FORMULA_START_PATTERN = "^[=+@\t\r-]"
+_PLAIN_PART = "(?:[^=+@\t\r;-][^;]*|[+-][0-9][0-9 ().-]*|[+-][A-Za-z0-9._%+-]*@[A-Za-z0-9.-]+)?"
+PLAIN_CELL_PATTERN = f"^{_PLAIN_PART}(?:;{_PLAIN_PART})*$"
+_FORMULA_START = re.compile(FORMULA_START_PATTERN)
+_PLAIN_CELL = re.compile(PLAIN_CELL_PATTERN[:-1] + "\\Z")
 
 
 def _is_formula(value: str) -> bool:
-    if _PLAIN_NUMBERS.match(value):
-        return False  # phone numbers (one or a `;` list) and negative numbers: the common case, fast
-    return bool(value) and value.startswith(FORMULA_START) and not all(
-        _is_plain_data(part) for part in value.split(";"))
-
-
-def _is_plain_data(value: str) -> bool:
-    if not value or value[0] not in "+-=@\t\r":
-        return True  # a later `;` part of a list: only the cell's first character matters
-    body = value[1:]
-    if value[0] in "+-" and body and all(c.isdigit() or c in " ()-." for c in body) and body[0].isdigit():
-        return True  # +14155550101, +1 (415) 555-0101, -42
-    return bool(_PLAIN_EMAIL.match(value))  # -ann@example.com, +news@example.com
+    return bool(_FORMULA_START.match(value)) and not _PLAIN_CELL.match(value)
 
 
 def _scalar(value: Any) -> Any:
@@ -118,13 +110,33 @@ def write_rows(header: list[str], batches: Iterable[list[list]], stream: IO[str]
     count = 0
     guarded = _GUARDED_FIRST
     for rows in batches:
-        for row in rows:
-            for i, cell in enumerate(row):
-                if cell.__class__ is str and cell and cell[0] in guarded:
-                    row[i] = neutralise(cell)
-        writer.writerows(rows)
+        lone_cr = False
+        for n, row in enumerate(rows):
+            for cell in row:
+                if cell.__class__ is str and cell and (cell[0] in guarded or "\r" in cell):
+                    rows[n] = row = [neutralise(c) if c.__class__ is str else c for c in row]
+                    lone_cr = lone_cr or any(c.__class__ is str and "\r" in c and "\n" not in c for c in row)
+                    break
+        if lone_cr:  # rare: written row by row, see _csv_line
+            for row in rows:
+                out.write(_csv_line(row))
+        else:
+            writer.writerows(rows)
         count += len(rows)
     return count
+
+
+def _csv_line(row) -> str:
+    """One CSV line as csv.writer writes it, except that a cell holding a carriage return without a line feed
+    is quoted too (the csv module only quotes the line terminator's characters, and most readers end a row
+    at a bare CR)."""
+    cells = []
+    for value in row:
+        text = "" if value is None else str(value)
+        if any(ch in text for ch in ',"\n\r'):
+            text = '"' + text.replace('"', '""') + '"'
+        cells.append(text)
+    return ",".join(cells) + "\n"
 
 
 def _table_cell(value: Any) -> str:
