@@ -423,6 +423,7 @@ class _Db:
         self.cur = self.raw.cursor()
         self.mark = "%s" if self.pg else "?"
         self._next: dict[str, int] = {}
+        self.exclusive: set[str] = set()  # PostgreSQL tables this transaction holds an exclusive lock on
 
     def ts(self, value: datetime):
         naive = value.astimezone(timezone.utc).replace(tzinfo=None)
@@ -466,6 +467,10 @@ class _Db:
         """Ids for rows about to be inserted (we insert explicit ids so children can point at them)."""
         if count == 0:
             return []
+        if self.pg and table in self.exclusive:  # nobody else can insert meanwhile: reserve a block at once
+            last = self.query("SELECT setval(pg_get_serial_sequence(?, 'id'), nextval(pg_get_serial_sequence(?, 'id')) "
+                              "+ ? - 1)", (table, table, count))[0][0]
+            return list(range(last - count + 1, last + 1))
         if self.pg:
             rows = self.query("SELECT nextval(pg_get_serial_sequence(?, 'id')) FROM generate_series(1, ?)",
                               (table, count))
@@ -924,7 +929,10 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
         # first one's contacts (and merges into them) instead of failing on the unique email index.
         # SQLite gets the same from BEGIN IMMEDIATE.
         db.cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (IMPORT_LOCK_KEY, user_id))
+        bulk = _PgBulkLoad.start(db, source)
         summary = importer.run()
+        if bulk and not summary.dry_run and not summary.failed:  # otherwise the caller rolls back (and the drop)
+            bulk.restore()
         if summary.created >= ANALYZE_MIN_ROWS and not summary.dry_run and not summary.failed:
             # Fresh statistics with the rows (ANALYZE in the transaction counts them): without them the
             # planner treats the tables as near-empty until autovacuum gets round to them, and picks
@@ -1051,6 +1059,53 @@ class _IndexPause:
     def restore(self) -> None:
         for sql in self.saved:
             self.db.cur.execute(sql)
+
+
+class _PgBulkLoad:
+    """PostgreSQL, a big file into a small database: maintaining the trigram index, the list indexes and
+    the foreign keys row by row costs four times the inserts themselves (the GIN index alone half).
+    For the import the non-unique indexes of the contact tables (except those on contact_id, which the
+    import reads) and their foreign keys are dropped inside the import's transaction and created again
+    before the commit: one sort per index and one join per foreign key. DDL is transactional, so a failed
+    or rolled-back import gets everything back. The cost: until the import commits, other sessions that
+    touch these tables wait for it (the drop takes an exclusive lock), so this only happens for a file
+    expected to hold at least MIN_ROWS contacts and at least as many as the whole table has already."""
+
+    TABLES = ("contacts", "contact_emails", "contact_phones", "contact_tags")
+    MIN_ROWS = 50_000
+    BYTES_PER_ROW = 100  # a rough guess from the file size, as for _IndexPause
+    MAINTENANCE_MEMORY = "256MB"  # server memory for each index build (SET LOCAL: this transaction only)
+
+    def __init__(self, db: _Db, indexes: list[str], foreign_keys: list[tuple[str, str, str]]):
+        self.db, self.indexes, self.foreign_keys = db, indexes, foreign_keys
+
+    @classmethod
+    def start(cls, db: _Db, source: CsvInput) -> "_PgBulkLoad | None":
+        expected = (source.total_bytes or 0) // cls.BYTES_PER_ROW
+        if expected < cls.MIN_ROWS or expected < db.query("SELECT count(*) FROM contacts")[0][0]:
+            return None
+        tables = list(cls.TABLES)
+        db.cur.execute(f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
+        foreign_keys = db.query("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                                "WHERE contype = 'f' AND conrelid = ANY(?::regclass[]) ORDER BY 1, 2", (tables,))
+        indexes = [(name, sql) for name, sql in db.query(
+            "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
+            "WHERE indrelid = ANY(?::regclass[]) AND NOT indisunique ORDER BY 1", (tables,))
+            if not re.search(r"\(\s*contact_id\b", sql)]
+        for table, name, _ in foreign_keys:
+            db.cur.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
+        for name, _ in indexes:
+            db.cur.execute(f"DROP INDEX {name}")
+        db.exclusive.update(tables)
+        return cls(db, [sql for _, sql in indexes], foreign_keys)
+
+    def restore(self) -> None:
+        cur = self.db.cur
+        cur.execute(f"SET LOCAL maintenance_work_mem = '{self.MAINTENANCE_MEMORY}'")
+        for sql in self.indexes:
+            cur.execute(sql)
+        for table, name, definition in self.foreign_keys:
+            cur.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
 
 
 # --- background import (a job) ------------------------------------------------------------------------
@@ -1218,6 +1273,7 @@ def iter_export_batches(session: Session, user_id: int, flt: ContactFilter, *, n
         yield from result.partitions(batch)
 
     if pg:
+        _serial_plan(conn)
         yield from (_prefetched(batches()) if threaded else batches())
         return
     # SQLite: read through the small page cache, not the memory map (mapped pages count as resident).
@@ -1227,6 +1283,12 @@ def iter_export_batches(session: Session, user_id: int, flt: ContactFilter, *, n
         yield from (_prefetched(batches()) if threaded else batches())
     finally:
         _sqlite_pragmas(cur, **previous)
+
+
+def _serial_plan(conn) -> None:
+    """PostgreSQL: no parallel plan for the export query; each worker would aggregate every child table
+    for the user again (three times the work on two cores)."""
+    conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
 
 
 def _prefetched(items: Iterator) -> Iterator:
@@ -1273,6 +1335,7 @@ def _copy_csv(session: Session, user_id: int, flt: ContactFilter, now: datetime,
     """PostgreSQL: the server writes the CSV itself (`COPY (SELECT …) TO STDOUT`, formula guard in SQL)
     and this process only passes the text on, so the export runs at the server's speed on its own core."""
     conn = session.connection()
+    _serial_plan(conn)
     compiled = _export_select(user_id, flt, now, True, ";", columns, guard=True).compile(
         dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     cur = conn.connection.driver_connection.cursor()

@@ -269,6 +269,47 @@ def test_import_leaves_the_search_index_consistent(session):
         assert len(found.items) == count, term
 
 
+def test_postgresql_bulk_load_puts_indexes_and_foreign_keys_back(session):
+    """PostgreSQL, a big file: the import drops the contact tables' secondary indexes and foreign keys for
+    its duration and creates them again before the commit; a failed import rolls the drop back."""
+    conn = session.connection()
+    if conn.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL bulk load")
+    tables = "'{contacts,contact_emails,contact_phones,contact_tags}'::regclass[]"
+    schema = (f"SELECT indrelid::regclass::text, indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
+              f"WHERE indrelid = ANY({tables}) UNION ALL SELECT conrelid::regclass::text, conname, "
+              f"pg_get_constraintdef(oid) FROM pg_constraint WHERE contype = 'f' AND conrelid = ANY({tables}) "
+              "ORDER BY 1, 2")
+    before = conn.exec_driver_sql(schema).all()
+    assert any("gin_trgm_ops" in row[2] for row in before) and any("FOREIGN KEY" in row[2] for row in before)
+    uid = user_id(session, "default")
+    session.commit()
+
+    def big(text: str) -> csvio.CsvInput:
+        source = opened(text)
+        source.total_bytes = 10 * csvio._PgBulkLoad.MIN_ROWS * csvio._PgBulkLoad.BYTES_PER_ROW  # "a big file"
+        return source
+
+    rows = "".join(f"P{i},p{i}@example.com,(415) 555-{i:04d},t{i % 4}\n" for i in range(40))
+    failed = csvio.import_contacts(session, uid, big("name,email,phone,tags\n" + rows + "Bad,not-an-email,,\n"),
+                                   csvio.ImportOptions(batch_size=7))
+    assert failed.failed
+    session.rollback()
+    assert session.connection().exec_driver_sql(schema).all() == before
+    summary = csvio.import_contacts(session, uid, big("name,email,phone,tags\n" + rows),
+                                    csvio.ImportOptions(batch_size=7))
+    session.commit()
+    assert summary.created == 40
+    assert session.connection().exec_driver_sql(schema).all() == before
+    later = add_contact(session, uid, name="Later", emails=["later@example.com"], region="US")
+    session.commit()
+    ids = session.scalars(select(Contact.id).where(Contact.user_id == uid).order_by(Contact.id)).all()
+    assert len(ids) == len(set(ids)) == 41 and ids[-1] == later.id
+    from omnicrm.contacts import list_contacts
+    from omnicrm.filters import ContactFilter
+
+    assert len(list_contacts(session, uid, ContactFilter(search="555-0007")).items) == 1
+
 def test_big_postgresql_import_refreshes_statistics(session):
     """Without statistics the planner takes a freshly imported table for empty (export scanned every contact
     per batch at 1M rows); an import of ANALYZE_MIN_ROWS contacts or more analyzes the tables it filled."""
