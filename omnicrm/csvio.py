@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from omnicrm import csvformats as formats
@@ -37,6 +37,7 @@ from omnicrm.normalize import fold, is_valid_email, phone_search_parts, to_e164
 
 EXPORT_COLUMNS = list(formats.NATIVE_COLUMNS)
 EXPORT_BATCH = 5000
+EXPORT_PROCESSES = 2  # SQLite: reader processes of a whole export (one per core of a small machine)
 IMPORT_BATCH = 5000
 PARSE_PROCESS_MIN_BYTES = 4 * 1024 * 1024  # smaller inputs are parsed inline (a fork costs ~10 ms)
 SAMPLE_BYTES = 64 * 1024
@@ -1225,7 +1226,7 @@ def _export_select(user_id: int, flt: ContactFilter, now: datetime, pg: bool, jo
     With `guard` (the PostgreSQL CSV), text cells a spreadsheet would run as a formula get their leading
     `'` in SQL, by the same two regular expressions as `omnicrm.output.neutralise`, and empty text is NULL
     (COPY would quote an empty string; the CSV writer writes both as an empty cell)."""
-    from sqlalchemy import and_, case, func, literal, literal_column, text
+    from sqlalchemy import and_, case, func, literal, literal_column
 
     from omnicrm.output import FORMULA_START_PATTERN, GUARDED_FIRST, PLAIN_CELL_PATTERN
 
@@ -1260,8 +1261,8 @@ def iter_export_batches(session: Session, user_id: int, flt: ContactFilter, *, n
                         threaded: bool = True) -> Iterator[list]:
     """Every matching contact as a row of `columns` (default: all native columns), oldest id first, a
     batch at a time (constant memory). Emails, phones and tags come joined with `joiner`, notes with
-    newlines, timestamps as ISO 8601 text. With `threaded`, a reader thread fetches the next batch while
-    the caller writes this one (SQLite steps its statement without holding the GIL)."""
+    newlines, timestamps as ISO 8601 text. With `threaded` (PostgreSQL), a reader thread fetches the next
+    batch while the caller writes this one."""
     now = now or clock_now()
     flt.validate()
     conn = session.connection(execution_options={"sqlite_read_only": True})
@@ -1276,11 +1277,12 @@ def iter_export_batches(session: Session, user_id: int, flt: ContactFilter, *, n
         _serial_plan(conn)
         yield from (_prefetched(batches()) if threaded else batches())
         return
-    # SQLite: read through the small page cache, not the memory map (mapped pages count as resident).
+    # SQLite: read through the small page cache, not the memory map (mapped pages count as resident). No
+    # reader thread: sqlite3 hands the GIL over for every row, which costs more than the overlap gains.
     cur = conn.connection.driver_connection.cursor()
     previous = _sqlite_pragmas(cur, mmap_size=0)
     try:
-        yield from (_prefetched(batches()) if threaded else batches())
+        yield from batches()
     finally:
         _sqlite_pragmas(cur, **previous)
 
@@ -1346,11 +1348,120 @@ def _copy_csv(session: Session, user_id: int, flt: ContactFilter, now: datetime,
         for data in copy:
             pending.append(data)
             size += len(data)
-            if size >= 1 << 18:  # each message is one whole row, so a joined group decodes cleanly
+            if size >= 1 << 16:  # each message is one whole row, so a joined group decodes cleanly
                 stream.write(b"".join(pending).decode())
                 pending, size = [], 0
     stream.write(b"".join(pending).decode())
     return cur.rowcount
+
+
+def _write_in_pieces(stream: IO[str], data: str, piece: int = 1 << 16) -> None:
+    """Write `data` at most a pipe's capacity at a time: a write much larger than that into a pipe whose
+    reader has gone (`| head`) can end without an error, and the export would carry on for nothing."""
+    for start in range(0, len(data), piece):
+        stream.write(data[start:start + piece])
+
+
+def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns: list[str],
+                         stream: IO[str]) -> int | None:
+    """SQLite, a whole export: EXPORT_PROCESSES forked readers each run the export query over every other
+    range of EXPORT_BATCH contact ids and format their ranges as CSV, which this process writes in order.
+    (One process is bound by SQLite's per-row work and Python's, on one core.)
+
+    The readers must see one and the same snapshot: this process holds the write lock (BEGIN IMMEDIATE,
+    without waiting) until every reader has begun its read transaction, so nothing can commit in between.
+    None (export in this process instead) when a writer holds the lock, for a file-less database, or
+    without fork()."""
+    import multiprocessing
+    import signal
+    import sqlite3
+
+    from omnicrm.output import write_rows
+
+    path = session.get_bind().url.database
+    if not path or path == ":memory:" or not hasattr(os, "fork"):
+        return None
+    guard = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        guard.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:  # a writer is at work: do not wait for it
+        guard.close()
+        return None
+    pids, receivers = [], []
+    try:
+        lo, hi = guard.execute("SELECT min(id), max(id) FROM contacts WHERE user_id = ?", (user_id,)).fetchone()
+        starts = list(range(lo, hi + 1, EXPORT_BATCH)) if lo is not None else []
+        compiled = _export_select(user_id, ContactFilter(), now, False, ";", columns).where(
+            text("c.id BETWEEN :range_lo AND :range_hi")).compile(dialect=session.get_bind().dialect)
+        sql, names = str(compiled), compiled.positiontup
+        for k in range(min(EXPORT_PROCESSES, len(starts))):
+            receiver, sender = multiprocessing.Pipe(duplex=False)
+            pid = os.fork()
+            if pid == 0:  # a reader: format its ranges, send them, and leave without the parent's cleanup
+                try:
+                    receiver.close()
+                    _export_ranges(path, sql, names, user_id, starts[k::EXPORT_PROCESSES], sender, write_rows)
+                finally:
+                    os._exit(0)
+            sender.close()
+            pids.append(pid)
+            receivers.append(receiver)
+        for receiver in receivers:
+            if _received(receiver) != "ready":
+                raise OmniCrmError("an export reader process did not start")
+        guard.rollback()  # every reader has its snapshot: writers may go on
+        stream.write(",".join(columns) + "\n")
+        count = 0
+        for i in range(len(starts)):
+            n, text_part = _received(receivers[i % len(receivers)])
+            _write_in_pieces(stream, text_part)
+            count += n
+        return count
+    finally:
+        guard.close()
+        for receiver in receivers:
+            receiver.close()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+
+
+def _export_ranges(path: str, sql: str, names, user_id: int, starts: list[int], sender, write_rows) -> None:
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA mmap_size = 0")  # mapped pages would count as resident memory
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1 FROM contacts LIMIT 1").fetchall()  # the read transaction (snapshot) starts here
+        sender.send("ready")
+        for start in starts:
+            values = {"export_user": user_id, "range_lo": start, "range_hi": start + EXPORT_BATCH - 1}
+            rows = conn.execute(sql, [values[name] for name in names]).fetchall()
+            out = io.StringIO()
+            sender.send((write_rows(None, [rows], out), out.getvalue()))
+    except BrokenPipeError:
+        pass
+    except BaseException as exc:  # noqa: BLE001 - re-raised by the parent
+        try:
+            sender.send(OmniCrmError(f"exporting: {exc}"))
+        except Exception:  # noqa: BLE001
+            pass
+    finally:
+        sender.close()
+
+
+def _received(receiver):
+    try:
+        item = receiver.recv()
+    except EOFError:
+        raise OmniCrmError("an export reader process ended unexpectedly") from None
+    if isinstance(item, BaseException):
+        raise item
+    return item
 
 
 def export_contacts(session: Session, user_id: int, flt: ContactFilter, fmt: str, stream: IO[str], *,
@@ -1369,6 +1480,10 @@ def export_contacts(session: Session, user_id: int, flt: ContactFilter, fmt: str
     if fmt == "csv":
         if session.get_bind().dialect.name == "postgresql":
             return _copy_csv(session, user_id, flt, now, columns, stream)
+        if flt.empty:
+            count = _sqlite_parallel_csv(session, user_id, now, columns, stream)
+            if count is not None:
+                return count
         return write_rows(columns, iter_export_batches(session, user_id, flt, now=now, joiner=";", columns=columns),
                           stream)
     multi = {"email", "phone", "tags"}

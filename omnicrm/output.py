@@ -101,12 +101,13 @@ def write_records(records: Iterable[dict], fields: list[str], fmt: str, stream: 
     return count
 
 
-def write_rows(header: list[str], batches: Iterable[list[list]], stream: IO[str] | None = None) -> int:
+def write_rows(header: list[str] | None, batches: Iterable[list[list]], stream: IO[str] | None = None) -> int:
     """CSV of pre-rendered rows (lists of str/int/None), a batch at a time, with the formula guard:
-    the bulk export path. Returns the number of rows."""
+    the bulk export path. Returns the number of rows. No header line when `header` is None."""
     out = stream or sys.stdout
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(header)
+    if header is not None:
+        writer.writerow(header)
     count = 0
     guarded = _GUARDED_FIRST
     for rows in batches:

@@ -351,3 +351,39 @@ def test_sqlite_big_import_rebuilds_the_indexes_it_paused(session):
         "SELECT display_name FROM contacts INDEXED BY ix_contacts_user_name WHERE user_id = ? "
         "ORDER BY display_name LIMIT 2", (uid,)).scalars().all()
     assert names == ["P0", "P1"]
+
+
+def test_sqlite_export_in_reader_processes_equals_one_process(session):
+    """SQLite: a whole export runs in forked reader processes (every other id range each); the file is the
+    same as the one-process writer's, also across ranges with gaps, and when a writer holds the lock the
+    export runs in this process without waiting."""
+    import sqlite3
+
+    from omnicrm.filters import ContactFilter
+    from omnicrm.output import write_rows
+
+    if session.connection().dialect.name != "sqlite":
+        pytest.skip("SQLite reader processes")
+    uid = user_id(session, "default")
+    rows = "".join(f"=P{i},p{i}@example.com,(415) 555-{i:04d},t{i % 4}\n" for i in range(3 * csvio.EXPORT_BATCH + 7))
+    csvio.import_contacts(session, uid, opened("name,email,phone,tags\n" + rows), csvio.ImportOptions())
+    session.execute(Contact.__table__.delete().where(Contact.id.between(csvio.EXPORT_BATCH, 2 * csvio.EXPORT_BATCH)))
+    session.commit()
+    one = io.StringIO()
+    write_rows(csvio.EXPORT_COLUMNS, csvio.iter_export_batches(session, uid, ContactFilter(), joiner=";"), one)
+    session.commit()
+    parallel = io.StringIO()
+    assert csvio._sqlite_parallel_csv(session, uid, csvio.clock_now(), csvio.EXPORT_COLUMNS, parallel) == \
+        2 * csvio.EXPORT_BATCH + 6
+    assert parallel.getvalue() == one.getvalue() and "'=P1," in one.getvalue()
+    session.commit()
+    writer = sqlite3.connect(session.get_bind().url.database, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        assert csvio._sqlite_parallel_csv(session, uid, csvio.clock_now(), csvio.EXPORT_COLUMNS, io.StringIO()) is None
+        fallback = io.StringIO()
+        csvio.export_contacts(session, uid, ContactFilter(), "csv", fallback)
+        assert fallback.getvalue() == one.getvalue()
+    finally:
+        writer.rollback()
+        writer.close()
