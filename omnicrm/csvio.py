@@ -19,8 +19,10 @@ import io
 import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
+from operator import itemgetter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, NamedTuple
@@ -863,6 +865,7 @@ class Importer:
                                "last_interaction_at", "search_text", "manual_fields"), contacts)
         db.executemany("UPDATE contacts SET display_name = ?, company = ?, title = ?, search_text = ?, "
                        "manual_fields = ?, updated_at = ?, last_interaction_at = ? WHERE id = ?", updates)
+        emails.sort(key=_by_email)  # in the unique (user_id, email) index's order: each leaf page visited once
         db.insert("contact_emails", ("user_id", "contact_id", "email", "position"), emails)
         db.insert("contact_phones", ("user_id", "contact_id", "raw", "e164", "position"), phones)
         db.insert("contact_tags", ("contact_id", "tag_id"), tag_rows)
@@ -897,6 +900,9 @@ class Importer:
         return {n: self.tag_ids[n] for n in names}
 
 
+_by_email = itemgetter(2)
+
+
 def _aware(value) -> datetime | None:
     """A timestamp read through the driver (SQLite text or a naive PostgreSQL datetime) as aware UTC."""
     if value is None:
@@ -916,6 +922,24 @@ def _timestamp(value: str) -> datetime | None:
     return parsed
 
 
+@contextmanager
+def _fewer_gc_passes() -> Iterator[None]:
+    """A big import allocates millions of short-lived lists and tuples and keeps few of them; Python's cycle
+    collector would scan the long-lived heap over and over (a quarter of the parse time). Meanwhile it runs
+    ~140x less often and skips the objects alive at the start (gc.freeze); both are restored afterwards.
+    The forked reader process inherits the setting."""
+    import gc
+
+    previous = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
+        gc.unfreeze()
+
+
 def import_contacts(session: Session, user_id: int, source: CsvInput, options: ImportOptions,
                     **callbacks) -> ImportSummary:
     """Import every record of `source` in the session's transaction; the caller commits or rolls back.
@@ -931,7 +955,8 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
         # SQLite gets the same from BEGIN IMMEDIATE.
         db.cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (IMPORT_LOCK_KEY, user_id))
         bulk = _PgBulkLoad.start(db, source)
-        summary = importer.run()
+        with _fewer_gc_passes():
+            summary = importer.run()
         if bulk and not summary.dry_run and not summary.failed:  # otherwise the caller rolls back (and the drop)
             bulk.restore()
         if summary.created >= ANALYZE_MIN_ROWS and not summary.dry_run and not summary.failed:
@@ -947,7 +972,8 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
     importer.fts_trigger = _FtsPause.start(db)
     importer.index_pause = _IndexPause.start(db, source)
     try:
-        summary = importer.run()
+        with _fewer_gc_passes():
+            summary = importer.run()
     except BaseException:
         try:  # the caller rolls back anyway (the drop too); do not hide the real error
             _restore_sqlite(importer)
