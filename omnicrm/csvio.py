@@ -39,7 +39,8 @@ from omnicrm.normalize import fold, is_valid_email, phone_search_parts, to_e164
 
 EXPORT_COLUMNS = list(formats.NATIVE_COLUMNS)
 EXPORT_BATCH = 5000
-EXPORT_PROCESSES = 2  # SQLite: reader processes of a whole export (one per core of a small machine)
+EXPORT_PROCESSES = 2  # readers of a whole export: SQLite processes, PostgreSQL connections (one per core)
+PG_EXPORT_RANGE = 50_000  # contact ids per COPY of a parallel PostgreSQL export
 IMPORT_BATCH = 5000
 PARSE_PROCESS_MIN_BYTES = 4 * 1024 * 1024  # smaller inputs are parsed inline (a fork costs ~10 ms)
 SAMPLE_BYTES = 64 * 1024
@@ -1213,11 +1214,12 @@ def _aggregates(pg: bool, joiner: str) -> list[str]:
             "(SELECT group_concat(body, char(10)) FROM (SELECT body FROM notes WHERE contact_id = c.id ORDER BY id))"]
 
 
-def _pg_aggregate_joins(c, user_id: int, joiner: str, filtered: bool):
+def _pg_aggregate_joins(c, user_id: int, joiner: str, filtered: bool, ranged: bool = False):
     """PostgreSQL: `c` joined to its emails, phones, tags and notes, each joined into one text `v`.
 
-    A whole export aggregates each table for the user in one pass (GROUP BY, then merge joins); a
-    filtered one looks up only the matching contacts' rows (LATERAL)."""
+    A whole export aggregates each table for the user in one pass (GROUP BY, then merge joins), or for the
+    contact ids between :range_lo and :range_hi (`ranged`); a filtered one looks up only the matching
+    contacts' rows (LATERAL)."""
     from sqlalchemy import Integer, Text, text, true
 
     joined, values = c, []
@@ -1228,7 +1230,8 @@ def _pg_aggregate_joins(c, user_id: int, joiner: str, filtered: bool):
             joined = joined.outerjoin(part, true())
         else:
             user_col = "t.user_id" if name == "t" else "user_id"
-            part = text(f"SELECT {owner} AS contact_id, {agg} WHERE {user_col} = :agg_user GROUP BY {owner}"
+            within = f" AND {owner} BETWEEN :range_lo AND :range_hi" if ranged else ""
+            part = text(f"SELECT {owner} AS contact_id, {agg} WHERE {user_col} = :agg_user{within} GROUP BY {owner}"
                         ).bindparams(agg_user=user_id).columns(contact_id=Integer, v=Text).subquery(name)
             joined = joined.outerjoin(part, part.c.contact_id == c.c.id)
         values.append(part.c.v)
@@ -1246,8 +1249,9 @@ def _iso_sql(column: str, pg: bool) -> str:
 
 
 def _export_select(user_id: int, flt: ContactFilter, now: datetime, pg: bool, joiner: str, columns: list[str],
-                   guard: bool = False):
-    """One SELECT giving every matching contact in `columns` (native export columns), oldest id first.
+                   guard: bool = False, ranged: bool = False):
+    """One SELECT giving every matching contact in `columns` (native export columns), oldest id first;
+    with `ranged`, those with ids between the parameters :range_lo and :range_hi.
 
     With `guard` (the PostgreSQL CSV), text cells a spreadsheet would run as a formula get their leading
     `'` in SQL, by the same two regular expressions as `omnicrm.output.neutralise`, and empty text is NULL
@@ -1258,7 +1262,7 @@ def _export_select(user_id: int, flt: ContactFilter, now: datetime, pg: bool, jo
 
     c = Contact.__table__.alias("c")
     if pg:
-        source, (emails, phones, tags, notes) = _pg_aggregate_joins(c, user_id, joiner, not flt.empty)
+        source, (emails, phones, tags, notes) = _pg_aggregate_joins(c, user_id, joiner, not flt.empty, ranged)
     else:
         source, (emails, phones, tags, notes) = c, map(literal_column, _aggregates(False, joiner))
     sql = {"id": c.c.id, "display_name": c.c.display_name, "email": emails, "phone": phones,
@@ -1270,13 +1274,15 @@ def _export_select(user_id: int, flt: ContactFilter, now: datetime, pg: bool, jo
         expr = sql[name]
         if guard and name not in formats.TIMESTAMP_COLUMNS:
             bare = func.ltrim(expr, "'")
-            expr = case((and_(func.ascii(expr).in_([ord(ch) for ch in GUARDED_FIRST]), bare.op("~")(FORMULA_START_PATTERN),
+            expr = case((and_(func.ascii(expr).in_([literal_column(str(ord(ch))) for ch in GUARDED_FIRST]), bare.op("~")(FORMULA_START_PATTERN),
                               bare.op("!~")(PLAIN_CELL_PATTERN)), literal("'").concat(expr)),
                         else_=func.nullif(expr, ""))
         selected.append(expr.label(name))
     # `+c.user_id` (SQLite) keeps the scan on the primary key, in id order, instead of a (user_id, …) index.
     owner = text("c.user_id = :export_user" if pg else "+c.user_id = :export_user").bindparams(export_user=user_id)
     stmt = select(*selected).select_from(source).where(owner).order_by(c.c.id)
+    if ranged:  # the range is given on each execution
+        stmt = stmt.where(text("c.id BETWEEN :range_lo AND :range_hi"))
     if not flt.empty:
         stmt = stmt.where(c.c.id.in_(apply_filter(select(Contact.id), user_id, flt.validate(), now)))
     return stmt
@@ -1364,6 +1370,10 @@ def _copy_csv(session: Session, user_id: int, flt: ContactFilter, now: datetime,
     and this process only passes the text on, so the export runs at the server's speed on its own core."""
     conn = session.connection()
     _serial_plan(conn)
+    if flt.empty:
+        count = _pg_parallel_copy(session, user_id, now, columns, stream)
+        if count is not None:
+            return count
     compiled = _export_select(user_id, flt, now, True, ";", columns, guard=True).compile(
         dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     cur = conn.connection.driver_connection.cursor()
@@ -1381,6 +1391,57 @@ def _copy_csv(session: Session, user_id: int, flt: ContactFilter, now: datetime,
     return cur.rowcount
 
 
+def _pg_parallel_copy(session: Session, user_id: int, now: datetime, columns: list[str], stream: IO[str], *,
+                      span: int = PG_EXPORT_RANGE) -> int | None:
+    """PostgreSQL, a whole export of more than one range of `span` ids: EXPORT_PROCESSES more
+    connections (server backends, one core each) COPY every other id range, all in the session's snapshot
+    (pg_export_snapshot), and this process writes the ranges in order. None when there is only one range."""
+    from psycopg import sql
+
+    conn = session.connection()
+    cur = conn.connection.driver_connection.cursor()
+    lo, hi = cur.execute("SELECT min(id), max(id) FROM contacts WHERE user_id = %s", (user_id,)).fetchone()
+    if lo is None or hi - lo < span:
+        return None
+    starts = list(range(lo, hi + 1, span))
+    snapshot = cur.execute("SELECT pg_export_snapshot()").fetchone()[0]
+    compiled = _export_select(user_id, ContactFilter(), now, True, ";", columns, guard=True, ranged=True).compile(
+        dialect=conn.dialect)
+    statement = f"COPY ({compiled}) TO STDOUT WITH (FORMAT csv)"
+    engine = session.get_bind()
+
+    def ranges(mine: list[int]) -> Iterator[tuple[int, bytes]]:
+        raw = engine.raw_connection()
+        try:
+            driver = raw.driver_connection
+            driver.rollback()
+            worker = driver.cursor()
+            worker.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            worker.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            worker.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+            for start in mine:
+                params = compiled.construct_params({"range_lo": start, "range_hi": start + span - 1})
+                with worker.copy(statement, params) as copy:
+                    data = b"".join(copy)
+                yield worker.rowcount, data
+        finally:
+            raw.rollback()
+            raw.close()
+
+    readers = [_prefetched(ranges(starts[k::EXPORT_PROCESSES])) for k in range(EXPORT_PROCESSES)]
+    try:
+        stream.write(",".join(columns) + "\n")
+        count = 0
+        for i in range(len(starts)):
+            n, data = next(readers[i % EXPORT_PROCESSES])
+            _write_in_pieces(stream, data.decode())
+            count += n
+        return count
+    finally:
+        for reader in readers:
+            reader.close()
+
+
 def _write_in_pieces(stream: IO[str], data: str, piece: int = 1 << 16) -> None:
     """Write `data` at most a pipe's capacity at a time: a write much larger than that into a pipe whose
     reader has gone (`| head`) can end without an error, and the export would carry on for nothing."""
@@ -1388,10 +1449,10 @@ def _write_in_pieces(stream: IO[str], data: str, piece: int = 1 << 16) -> None:
         stream.write(data[start:start + piece])
 
 
-def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns: list[str],
-                         stream: IO[str]) -> int | None:
+def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns: list[str], stream: IO[str], *,
+                         span: int = EXPORT_BATCH) -> int | None:
     """SQLite, a whole export: EXPORT_PROCESSES forked readers each run the export query over every other
-    range of EXPORT_BATCH contact ids and format their ranges as CSV, which this process writes in order.
+    range of `span` contact ids and format their ranges as CSV, which this process writes in order.
     (One process is bound by SQLite's per-row work and Python's, on one core.)
 
     The readers must see one and the same snapshot: this process holds the write lock (BEGIN IMMEDIATE,
@@ -1416,9 +1477,9 @@ def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns:
     pids, receivers = [], []
     try:
         lo, hi = guard.execute("SELECT min(id), max(id) FROM contacts WHERE user_id = ?", (user_id,)).fetchone()
-        starts = list(range(lo, hi + 1, EXPORT_BATCH)) if lo is not None else []
-        compiled = _export_select(user_id, ContactFilter(), now, False, ";", columns).where(
-            text("c.id BETWEEN :range_lo AND :range_hi")).compile(dialect=session.get_bind().dialect)
+        starts = list(range(lo, hi + 1, span)) if lo is not None else []
+        compiled = _export_select(user_id, ContactFilter(), now, False, ";", columns, ranged=True).compile(
+            dialect=session.get_bind().dialect)
         sql, names = str(compiled), compiled.positiontup
         for k in range(min(EXPORT_PROCESSES, len(starts))):
             receiver, sender = multiprocessing.Pipe(duplex=False)
@@ -1426,7 +1487,7 @@ def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns:
             if pid == 0:  # a reader: format its ranges, send them, and leave without the parent's cleanup
                 try:
                     receiver.close()
-                    _export_ranges(path, sql, names, user_id, starts[k::EXPORT_PROCESSES], sender, write_rows)
+                    _export_ranges(path, sql, names, user_id, starts[k::EXPORT_PROCESSES], span, sender, write_rows)
                 finally:
                     os._exit(0)
             sender.close()
@@ -1455,7 +1516,8 @@ def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns:
             os.waitpid(pid, 0)
 
 
-def _export_ranges(path: str, sql: str, names, user_id: int, starts: list[int], sender, write_rows) -> None:
+def _export_ranges(path: str, sql: str, names, user_id: int, starts: list[int], span: int, sender,
+                   write_rows) -> None:
     import sqlite3
 
     try:
@@ -1465,7 +1527,7 @@ def _export_ranges(path: str, sql: str, names, user_id: int, starts: list[int], 
         conn.execute("SELECT 1 FROM contacts LIMIT 1").fetchall()  # the read transaction (snapshot) starts here
         sender.send("ready")
         for start in starts:
-            values = {"export_user": user_id, "range_lo": start, "range_hi": start + EXPORT_BATCH - 1}
+            values = {"export_user": user_id, "range_lo": start, "range_hi": start + span - 1}
             rows = conn.execute(sql, [values[name] for name in names]).fetchall()
             out = io.StringIO()
             sender.send((write_rows(None, [rows], out), out.getvalue()))
