@@ -21,9 +21,9 @@ import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import lru_cache
 from operator import itemgetter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, NamedTuple
 
@@ -573,52 +573,11 @@ class Importer:
     def _parsed_in_process(self) -> Iterator[tuple[int, list[_Row], list[tuple], int]]:
         """Reading, decoding, validating and phone parsing run in a forked child (the second core), which
         sends parsed batches through a pipe; this process only merges and writes."""
-        import multiprocessing
-        import signal
-
-        receiver, sender = multiprocessing.Pipe(duplex=False)
-        # A bare fork (not multiprocessing.Process, which would close the inherited stdin in the child).
-        pid = os.fork()
-        if pid == 0:  # the child: parse, send, and leave without running any of the parent's cleanup
-            try:
-                receiver.close()
-                self._parse_process(sender)
-            finally:
-                os._exit(0)
-        sender.close()
+        child = _Forked(lambda: map(self._parse_batch, self._record_batches()), "reading the CSV")
         try:
-            while True:
-                try:
-                    item = receiver.recv()
-                except EOFError:
-                    raise OmniCrmError("the CSV reader process ended unexpectedly") from None
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from child
         finally:
-            receiver.close()
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
-
-    def _parse_process(self, sender) -> None:
-        try:
-            for batch in self._record_batches():
-                sender.send(self._parse_batch(batch))
-            sender.send(None)
-        except BrokenPipeError:
-            pass
-        except BaseException as exc:  # noqa: BLE001 - re-raised by the parent
-            try:
-                sender.send(exc if isinstance(exc, OmniCrmError) else OmniCrmError(f"reading the CSV: {exc}"))
-            except Exception:  # noqa: BLE001
-                pass
-        finally:
-            sender.close()
+            child.stop()
 
     def _reject(self, line: int, cells: list[str], errors: list[tuple[str, str]]) -> None:
         self.summary.rejected += 1
@@ -1136,6 +1095,67 @@ class _PgBulkLoad:
             cur.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
 
 
+# --- forked reader processes (the import's parser, the SQLite export's readers) ----------------------
+
+class _Forked:
+    """A forked child process that sends what `produce()` yields through a pipe, then None; this process
+    receives the items in order. A bare fork (multiprocessing.Process would close the inherited stdin in
+    the child), and the child leaves with os._exit, running none of this process's cleanup."""
+
+    def __init__(self, produce: Callable[[], Iterator], doing: str):
+        import multiprocessing
+
+        self.doing = doing
+        self.receiver, sender = multiprocessing.Pipe(duplex=False)
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                self.receiver.close()
+                _send_all(sender, produce, doing)
+            finally:
+                os._exit(0)
+        sender.close()
+
+    def receive(self) -> Any:
+        try:
+            item = self.receiver.recv()
+        except EOFError:
+            raise OmniCrmError(f"the process {self.doing} ended unexpectedly") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def __iter__(self) -> Iterator:
+        while (item := self.receive()) is not None:
+            yield item
+
+    def stop(self) -> None:
+        import signal
+
+        self.receiver.close()
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+
+
+def _send_all(sender, produce: Callable[[], Iterator], doing: str) -> None:
+    try:
+        for item in produce():
+            sender.send(item)
+        sender.send(None)
+    except BrokenPipeError:
+        pass
+    except BaseException as exc:  # noqa: BLE001 - re-raised by the parent
+        try:
+            sender.send(exc if isinstance(exc, OmniCrmError) else OmniCrmError(f"{doing}: {exc}"))
+        except Exception:  # noqa: BLE001
+            pass
+    finally:
+        sender.close()
+
+
 # --- background import (a job) ------------------------------------------------------------------------
 
 def job_payload(path: str, *, options: ImportOptions, encoding: str | None, delimiter: str | None,
@@ -1395,7 +1415,8 @@ def _pg_parallel_copy(session: Session, user_id: int, now: datetime, columns: li
                       span: int = PG_EXPORT_RANGE) -> int | None:
     """PostgreSQL, a whole export of more than one range of `span` ids: EXPORT_PROCESSES more
     connections (server backends, one core each) COPY every other id range, all in the session's snapshot
-    (pg_export_snapshot), and this process writes the ranges in order. None when there is only one range."""
+    (pg_export_snapshot), and this process writes the ranges in order, a piece of at most 1 MB at a time.
+    None when there is only one range."""
     from psycopg import sql
 
     conn = session.connection()
@@ -1410,7 +1431,7 @@ def _pg_parallel_copy(session: Session, user_id: int, now: datetime, columns: li
     statement = f"COPY ({compiled}) TO STDOUT WITH (FORMAT csv)"
     engine = session.get_bind()
 
-    def ranges(mine: list[int]) -> Iterator[tuple[int, bytes]]:
+    def ranges(mine: list[int]) -> Iterator[tuple[int, bytes, bool]]:
         raw = engine.raw_connection()
         try:
             driver = raw.driver_connection
@@ -1421,9 +1442,16 @@ def _pg_parallel_copy(session: Session, user_id: int, now: datetime, columns: li
             worker.execute("SET LOCAL max_parallel_workers_per_gather = 0")
             for start in mine:
                 params = compiled.construct_params({"range_lo": start, "range_hi": start + span - 1})
+                pending: list = []
+                size = 0
                 with worker.copy(statement, params) as copy:
-                    data = b"".join(copy)
-                yield worker.rowcount, data
+                    for data in copy:  # one whole row per message: a joined piece decodes cleanly
+                        pending.append(data)
+                        size += len(data)
+                        if size >= 1 << 20:
+                            yield 0, b"".join(pending), False
+                            pending, size = [], 0
+                yield worker.rowcount, b"".join(pending), True  # the range's last piece, and its row count
         finally:
             raw.rollback()
             raw.close()
@@ -1433,9 +1461,11 @@ def _pg_parallel_copy(session: Session, user_id: int, now: datetime, columns: li
         stream.write(",".join(columns) + "\n")
         count = 0
         for i in range(len(starts)):
-            n, data = next(readers[i % EXPORT_PROCESSES])
-            _write_in_pieces(stream, data.decode())
-            count += n
+            last = False
+            while not last:  # the pieces of range i, from the reader of every other range
+                n, data, last = next(readers[i % EXPORT_PROCESSES])
+                _write_in_pieces(stream, data.decode())
+                count += n
         return count
     finally:
         for reader in readers:
@@ -1459,11 +1489,8 @@ def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns:
     without waiting) until every reader has begun its read transaction, so nothing can commit in between.
     None (export in this process instead) when a writer holds the lock, for a file-less database, or
     without fork()."""
-    import multiprocessing
-    import signal
     import sqlite3
-
-    from omnicrm.output import write_rows
+    from functools import partial
 
     path = session.get_bind().url.database
     if not path or path == ":memory:" or not hasattr(os, "fork"):
@@ -1474,7 +1501,7 @@ def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns:
     except sqlite3.OperationalError:  # a writer is at work: do not wait for it
         guard.close()
         return None
-    pids, receivers = [], []
+    readers: list[_Forked] = []
     try:
         lo, hi = guard.execute("SELECT min(id), max(id) FROM contacts WHERE user_id = ?", (user_id,)).fetchone()
         starts = list(range(lo, hi + 1, span)) if lo is not None else []
@@ -1482,74 +1509,42 @@ def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns:
             dialect=session.get_bind().dialect)
         sql, names = str(compiled), compiled.positiontup
         for k in range(min(EXPORT_PROCESSES, len(starts))):
-            receiver, sender = multiprocessing.Pipe(duplex=False)
-            pid = os.fork()
-            if pid == 0:  # a reader: format its ranges, send them, and leave without the parent's cleanup
-                try:
-                    receiver.close()
-                    _export_ranges(path, sql, names, user_id, starts[k::EXPORT_PROCESSES], span, sender, write_rows)
-                finally:
-                    os._exit(0)
-            sender.close()
-            pids.append(pid)
-            receivers.append(receiver)
-        for receiver in receivers:
-            if _received(receiver) != "ready":
+            readers.append(_Forked(partial(_export_ranges, path, sql, names, user_id, starts[k::EXPORT_PROCESSES],
+                                           span), "exporting"))
+        for reader in readers:
+            if reader.receive() != "ready":
                 raise OmniCrmError("an export reader process did not start")
         guard.rollback()  # every reader has its snapshot: writers may go on
         stream.write(",".join(columns) + "\n")
         count = 0
         for i in range(len(starts)):
-            n, text_part = _received(receivers[i % len(receivers)])
+            n, text_part = readers[i % len(readers)].receive()
             _write_in_pieces(stream, text_part)
             count += n
         return count
     finally:
         guard.close()
-        for receiver in receivers:
-            receiver.close()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
+        for reader in readers:
+            reader.stop()
 
 
-def _export_ranges(path: str, sql: str, names, user_id: int, starts: list[int], span: int, sender,
-                   write_rows) -> None:
+def _export_ranges(path: str, sql: str, names, user_id: int, starts: list[int], span: int) -> Iterator:
+    """In an export reader process: "ready" once its read transaction has begun, then (count, CSV text)
+    for each of its id ranges."""
     import sqlite3
 
-    try:
-        conn = sqlite3.connect(path, isolation_level=None)
-        conn.execute("PRAGMA mmap_size = 0")  # mapped pages would count as resident memory
-        conn.execute("BEGIN")
-        conn.execute("SELECT 1 FROM contacts LIMIT 1").fetchall()  # the read transaction (snapshot) starts here
-        sender.send("ready")
-        for start in starts:
-            values = {"export_user": user_id, "range_lo": start, "range_hi": start + span - 1}
-            rows = conn.execute(sql, [values[name] for name in names]).fetchall()
-            out = io.StringIO()
-            sender.send((write_rows(None, [rows], out), out.getvalue()))
-    except BrokenPipeError:
-        pass
-    except BaseException as exc:  # noqa: BLE001 - re-raised by the parent
-        try:
-            sender.send(OmniCrmError(f"exporting: {exc}"))
-        except Exception:  # noqa: BLE001
-            pass
-    finally:
-        sender.close()
+    from omnicrm.output import write_rows
 
-
-def _received(receiver):
-    try:
-        item = receiver.recv()
-    except EOFError:
-        raise OmniCrmError("an export reader process ended unexpectedly") from None
-    if isinstance(item, BaseException):
-        raise item
-    return item
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA mmap_size = 0")  # mapped pages would count as resident memory
+    conn.execute("BEGIN")
+    conn.execute("SELECT 1 FROM contacts LIMIT 1").fetchall()  # the read transaction (snapshot) starts here
+    yield "ready"
+    for start in starts:
+        values = {"export_user": user_id, "range_lo": start, "range_hi": start + span - 1}
+        rows = conn.execute(sql, [values[name] for name in names]).fetchall()
+        out = io.StringIO()
+        yield write_rows(None, [rows], out), out.getvalue()
 
 
 def export_contacts(session: Session, user_id: int, flt: ContactFilter, fmt: str, stream: IO[str], *,

@@ -61,8 +61,9 @@ def to_e164(raw: str, region: str = "US") -> str | None:
     # Degenerate numbers ("000000" in DE → +4900000 → +490000) do not survive a second parse: keep the raw
     # text for those, so normalising is idempotent and an exported phone re-imports as itself.
     # (A number written in international form with the same digits re-parses as itself: no second parse.)
-    if e164 != raw and not (raw[:1] == "+" and digits(raw) == e164[1:]) and phonenumbers.format_number(phonenumbers.parse(e164, region.upper()),
-                                                  phonenumbers.PhoneNumberFormat.E164) != e164:
+    same_digits = raw[:1] == "+" and digits(raw) == e164[1:]
+    if e164 != raw and not same_digits and phonenumbers.format_number(phonenumbers.parse(e164, region.upper()),
+                                                                      phonenumbers.PhoneNumberFormat.E164) != e164:
         return None
     return e164
 

@@ -37,11 +37,12 @@ FORMULA_START_PATTERN = "^[=+@\t\r-]"
 _PLAIN_PART = "(?:[^=+@\t\r;-][^;]*|[+-][0-9][0-9 ().-]*|[+-][A-Za-z0-9._%+-]*@[A-Za-z0-9.-]+)?"
 PLAIN_CELL_PATTERN = f"^{_PLAIN_PART}(?:;{_PLAIN_PART})*$"
 _FORMULA_START = re.compile(FORMULA_START_PATTERN)
-_PLAIN_CELL = re.compile(PLAIN_CELL_PATTERN[:-1] + "\\Z")
+_PLAIN_CELL = re.compile(PLAIN_CELL_PATTERN)
 
 
 def _is_formula(value: str) -> bool:
-    return bool(_FORMULA_START.match(value)) and not _PLAIN_CELL.match(value)
+    # fullmatch: Python's `$` also matches before a final newline, PostgreSQL's only at the very end
+    return bool(_FORMULA_START.match(value)) and not _PLAIN_CELL.fullmatch(value)
 
 
 def _scalar(value: Any) -> Any:
