@@ -79,7 +79,12 @@ def write_records(records: Iterable[dict], fields: list[str], fmt: str, stream: 
         writer.writerow(fields)
         for record in records:
             cells = [_cell(record.get(f)) for f in fields]
-            writer.writerow([neutralise(c) for c in cells] if csv_safe else cells)
+            if csv_safe:
+                cells = [neutralise(c) for c in cells]
+            if any("\r" in c and "\n" not in c for c in cells):
+                out.write(_csv_line(cells))
+            else:
+                writer.writerow(cells)
             count += 1
     elif fmt == "jsonl":
         for record in records:
@@ -114,11 +119,16 @@ def write_rows(header: list[str] | None, batches: Iterable[list[list]], stream: 
     for rows in batches:
         lone_cr = False
         for n, row in enumerate(rows):
-            for cell in row:
+            copied = False
+            for i, cell in enumerate(row):
                 if cell.__class__ is str and cell and (cell[0] in guarded or "\r" in cell):
-                    rows[n] = row = [neutralise(c) if c.__class__ is str else c for c in row]
-                    lone_cr = lone_cr or any(c.__class__ is str and "\r" in c and "\n" not in c for c in row)
-                    break
+                    safe = neutralise(cell)  # most often the same object (a phone number)
+                    if safe is not cell:
+                        if not copied:
+                            rows[n] = row = list(row)
+                            copied = True
+                        row[i] = safe
+                    lone_cr = lone_cr or ("\r" in cell and "\n" not in cell)
         if lone_cr:  # rare: written row by row, see _csv_line
             for row in rows:
                 out.write(_csv_line(row))

@@ -408,3 +408,17 @@ def test_postgresql_export_over_several_connections_equals_one_copy(session):
     session.commit()
     assert csvio._pg_parallel_copy(session, uid, csvio.clock_now(), csvio.EXPORT_COLUMNS, io.StringIO(),
                                    span=100) is None  # one range: a single COPY does it
+
+
+def test_a_bare_carriage_return_is_quoted_by_both_csv_writers():
+    """csv only quotes the line terminator's characters; a cell with a bare CR would end the row in most readers."""
+    import csv as csvlib
+
+    from omnicrm.output import write_records, write_rows
+
+    rows, records = io.StringIO(), io.StringIO()
+    write_rows(["a", "b"], [[("x\ry", "+14155550101"), ("plain", "-- call")]], rows)
+    write_records([{"a": "x\ry", "b": "+14155550101"}, {"a": "plain", "b": "-- call"}], ["a", "b"], "csv", records)
+    assert rows.getvalue() == records.getvalue() == 'a,b\n"x\ry",+14155550101\nplain,\'-- call\n'
+    assert list(csvlib.reader(io.StringIO(rows.getvalue(), newline=""))) == [
+        ["a", "b"], ["x\ry", "+14155550101"], ["plain", "'-- call"]]
