@@ -146,8 +146,10 @@ def main() -> None:
         "",
         f"{rows:,} synthetic contacts (`benchmarks/gen_contacts.py`: non-ASCII names, quoted commas, several phone "
         f"formats, blanks, multi-line notes, ~1% repeated emails that merge), {figures['file_mb']} MB. Each step is "
-        "one `omnicrm` process; CPU is its user + system time (the import's includes its reader process, and on PostgreSQL not the server's); peak RSS is that process's (`ru_maxrss` via wait4: the largest process of its tree; "
-        "an import of a file ≥ 4 MB forks one reader process, so its footprint is up to twice that). Floor: the same file through `sqlite3 .import` / "
+        "one `omnicrm` process; CPU is its user + system time, with its forked reader processes (the import's parser; a "
+        "whole SQLite export's two readers) and without the PostgreSQL server's; peak RSS is that process's (`ru_maxrss` "
+        "via wait4: the largest process of its tree, so the footprint of a forking step is up to that times its "
+        "processes). Floor: the same file through `sqlite3 .import` / "
         "`psql \\copy` into one text table and back out, in the same run. "
         f"Targets for 1M rows: import ≤ {TARGETS['import_s']:.0f} s and ≤ {TARGETS['import_rss_mb']:.0f} MB, "
         f"export ≤ {TARGETS['export_s']:.0f} s and ≤ {TARGETS['export_rss_mb']:.0f} MB"
