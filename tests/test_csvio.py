@@ -97,14 +97,16 @@ def test_export_on_both_writers_is_identical(session, cells):
     for i, (name, company, tag) in enumerate(cells):
         add_contact(session, uid, name=name, company=company, title="-42", tags=[tag], emails=[f"+c{i}@example.com"], phones=["+1 (415) 555-0101", "=1+2"],
                     note=name)
-    session.flush()
+    session.commit()
     flt = ContactFilter()
     for portable in (False, True):
         columns = [c for c in csvio.EXPORT_COLUMNS if not (portable and c in ("id", "created_at", "updated_at"))]
         chosen = io.StringIO()
         csvio.export_contacts(session, uid, flt, "csv", chosen, portable=portable)
+        session.commit()  # each export in its own (read-only) transaction, as in the CLI
         python = io.StringIO()
         write_rows(columns, csvio.iter_export_batches(session, uid, flt, joiner=";", columns=columns), python)
+        session.commit()
         assert chosen.getvalue() == python.getvalue()
 
 
