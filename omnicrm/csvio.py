@@ -1073,8 +1073,9 @@ class _PgBulkLoad:
             return None
         tables = list(cls.TABLES)
         db.cur.execute(f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
-        foreign_keys = db.query("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) FROM pg_constraint "
-                                "WHERE contype = 'f' AND conrelid = ANY(?::regclass[]) ORDER BY 1, 2", (tables,))
+        foreign_keys = db.query("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+                                "FROM pg_constraint WHERE contype = 'f' AND conrelid = ANY(?::regclass[]) "
+                                "ORDER BY 1, 2", (tables,))
         indexes = [(name, sql) for name, sql in db.query(
             "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
             "WHERE indrelid = ANY(?::regclass[]) AND NOT indisunique ORDER BY 1", (tables,))
@@ -1294,9 +1295,9 @@ def _export_select(user_id: int, flt: ContactFilter, now: datetime, pg: bool, jo
         expr = sql[name]
         if guard and name not in formats.TIMESTAMP_COLUMNS:
             bare = func.ltrim(expr, "'")
-            expr = case((and_(func.ascii(expr).in_([literal_column(str(ord(ch))) for ch in GUARDED_FIRST]), bare.op("~")(FORMULA_START_PATTERN),
-                              bare.op("!~")(PLAIN_CELL_PATTERN)), literal("'").concat(expr)),
-                        else_=func.nullif(expr, ""))
+            first = func.ascii(expr).in_([literal_column(str(ord(ch))) for ch in GUARDED_FIRST])  # cheap, first
+            formula = and_(first, bare.op("~")(FORMULA_START_PATTERN), bare.op("!~")(PLAIN_CELL_PATTERN))
+            expr = case((formula, literal("'").concat(expr)), else_=func.nullif(expr, ""))
         selected.append(expr.label(name))
     # `+c.user_id` (SQLite) keeps the scan on the primary key, in id order, instead of a (user_id, …) index.
     owner = text("c.user_id = :export_user" if pg else "+c.user_id = :export_user").bindparams(export_user=user_id)

@@ -116,7 +116,8 @@ def _m3_child_position_indexes(conn: Connection) -> None:
     # Emails and phones of a contact in their stored order straight from an index (export reads them per
     # contact); the new indexes replace the contact_id-only ones.
     for table in ("contact_emails", "contact_phones"):
-        conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_{table}_contact_position ON {table} (contact_id, position)")
+        conn.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS ix_{table}_contact_position "
+                             f"ON {table} (contact_id, position)")
         conn.exec_driver_sql(f"DROP INDEX IF EXISTS ix_{table}_contact_id")
 
 

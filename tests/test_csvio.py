@@ -95,8 +95,8 @@ def test_export_on_both_writers_is_identical(session, cells):
 
     uid = user_id(session, f"u{uuid.uuid4().hex[:8]}")  # a fresh user per example
     for i, (name, company, tag) in enumerate(cells):
-        add_contact(session, uid, name=name, company=company, title="-42", tags=[tag], emails=[f"+c{i}@example.com"], phones=["+1 (415) 555-0101", "=1+2"],
-                    note=name)
+        add_contact(session, uid, name=name, company=company, title="-42", tags=[tag], emails=[f"+c{i}@example.com"],
+                    phones=["+1 (415) 555-0101", "=1+2"], note=name)
     session.commit()
     flt = ContactFilter()
     for portable in (False, True):
