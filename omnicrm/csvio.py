@@ -805,9 +805,9 @@ class Importer:
             text = t.search if t.search is not None else _search_text(t.name, t.company, t.emails, t.phones)
             manual = ",".join(f for f in ("display_name", "company", "title") if f in t.manual)
             last = ts(t.last_at) if t.last_at is not None else None
-            if t.new:
+            if t.new:  # its notes' interactions counted at once (the relationship score's counter, score.py)
                 contacts.append((t.id, uid, t.name, t.company, t.title, ts(t.created_at), ts(t.updated_at),
-                                 last, text, manual))
+                                 last, text, manual, len(t.notes)))
             else:
                 updates.append((t.name, t.company, t.title, text, manual, now_ts, last, t.id))
             cid = t.id
@@ -822,7 +822,7 @@ class Importer:
             for tag in t.tags[t.n_tags:]:
                 tag_rows.append((cid, tag_ids[tag]))
         db.insert("contacts", ("id", "user_id", "display_name", "company", "title", "created_at", "updated_at",
-                               "last_interaction_at", "search_text", "manual_fields"), contacts)
+                               "last_interaction_at", "search_text", "manual_fields", "interaction_count"), contacts)
         db.executemany("UPDATE contacts SET display_name = ?, company = ?, title = ?, search_text = ?, "
                        "manual_fields = ?, updated_at = ?, last_interaction_at = ? WHERE id = ?", updates)
         emails.sort(key=_by_email)  # in the unique (user_id, email) index's order: each leaf page visited once
@@ -839,7 +839,8 @@ class Importer:
             # The relationship score's counter (omnicrm/score.py) counts these note interactions too.
             added: dict[int, int] = {}
             for t, _ in notes:
-                added[t.id] = added.get(t.id, 0) + 1
+                if not t.new:
+                    added[t.id] = added.get(t.id, 0) + 1
             db.executemany("UPDATE contacts SET interaction_count = interaction_count + ? WHERE id = ?",
                            [(n, cid) for cid, n in added.items()])
 

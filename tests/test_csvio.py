@@ -424,3 +424,21 @@ def test_a_bare_carriage_return_is_quoted_by_both_csv_writers():
     assert rows.getvalue() == records.getvalue() == 'a,b\n"x\ry",+14155550101\nplain,\'-- call\n'
     assert list(csvlib.reader(io.StringIO(rows.getvalue(), newline=""))) == [
         ["a", "b"], ["x\ry", "+14155550101"], ["plain", "'-- call"]]
+
+
+def test_imported_notes_count_as_interactions(session):
+    """Each imported note is an interaction: the contact's stored counter (the score's input) equals its
+    interaction rows, for new contacts, merges within a batch, and merges into contacts from earlier."""
+    uid = user_id(session, "default")
+    add_contact(session, uid, name="Old", emails=["old@example.com"], note="first", region="US")
+    session.commit()
+    rows = ("name,email,notes\nAnn,ann@example.com,hello\nAnn,ann@example.com,again\nBob,bob@example.com,\n"
+            "Cy,cy@example.com,x\nOld,old@example.com,later\nAnn,ann@example.com,third\n")
+    csvio.import_contacts(session, uid, opened(rows), csvio.ImportOptions(batch_size=3))
+    session.commit()
+    stored = dict(session.execute(select(Contact.display_name, Contact.interaction_count)
+                                  .where(Contact.user_id == uid)).all())
+    counted = dict(session.execute(select(Contact.display_name, func.count(Interaction.id))
+                                   .outerjoin(Interaction, Interaction.contact_id == Contact.id)
+                                   .where(Contact.user_id == uid).group_by(Contact.display_name)).all())
+    assert stored == counted == {"Old": 2, "Ann": 3, "Bob": 0, "Cy": 1}
