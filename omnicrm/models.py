@@ -95,7 +95,6 @@ class Contact(Base):
         Index("ix_contacts_user_created", "user_id", "created_at", "id"),
         Index("ix_contacts_user_updated", "user_id", "updated_at", "id"),
         Index("ix_contacts_user_last", "user_id", "last_interaction_at", "id"),
-        Index("ix_contacts_user_name", "user_id", "display_name", "id"),
     )
 
 
@@ -143,7 +142,7 @@ class Tag(Base):
 class ContactTag(Base):
     __tablename__ = "contact_tags"
     contact_id: Mapped[int] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True)
-    tag_id: Mapped[int] = mapped_column(ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True, index=True)
+    tag_id: Mapped[int] = mapped_column(ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True)
 
 
 class Note(Base):
