@@ -159,40 +159,45 @@ class Extractor:
 
     def extract(self, cells: list[str]) -> RowData:
         """The row's values by target field (compiled per header: only mapped columns are looked at)."""
-        found: dict[str, list[str]] = {}
+        row = RowData(None, None, None, [], [], [], None, None, None)
+        found: dict[str, list[str]] | None = None  # the rarer fields, when the header has them
         unneutralise = self.unneutralise
         for i, target in self.columns:
             value = cells[i].strip()
-            if value:
-                if unneutralise is not None and value[0] == "'":
-                    value = unneutralise(value)
-                have = found.get(target)
-                if have is None:
-                    found[target] = [value]
-                else:
-                    have.append(value)
-        get = found.get
-        row = RowData(None, None, None, [], [], [], None, None, None)
-        for target, values in found.items():
+            if not value:
+                continue
+            if unneutralise is not None and value[0] == "'":
+                value = unneutralise(value)
             if target == "email":
-                for value in values:
-                    row.emails.extend(self.split_multi(value))
+                row.emails += self.split_multi(value)
             elif target == "phone":
-                for value in values:
-                    row.phones.extend(self.split_multi(value))
+                row.phones += self.split_multi(value)
             elif target == "tags":
-                for value in values:
-                    row.tags.extend(self.split_tags(value))
+                row.tags += self.split_tags(value)
             elif target == "display_name":
-                row.display_name = values[0]
+                if row.display_name is None:
+                    row.display_name = value
             elif target == "company":
-                row.company = values[0]
+                if row.company is None:
+                    row.company = value
             elif target == "title":
-                row.title = values[0]
-            elif target == "created_at":
-                row.created_at = values[0]
-            elif target == "updated_at":
-                row.updated_at = values[0]
+                if row.title is None:
+                    row.title = value
+            else:  # name parts, notes, timestamps, LinkedIn's extras
+                if found is None:
+                    found = {}
+                found.setdefault(target, []).append(value)
+        if found:
+            self._extract_rest(row, found)
+        return row
+
+    @staticmethod
+    def _extract_rest(row: RowData, found: dict[str, list[str]]) -> None:
+        get = found.get
+        if get("created_at"):
+            row.created_at = found["created_at"][0]
+        if get("updated_at"):
+            row.updated_at = found["updated_at"][0]
         if not row.display_name and (get("first_name") or get("middle_name") or get("last_name")):
             row.display_name = " ".join(v[0] for v in (get("first_name"), get("middle_name"), get("last_name")) if v)
         notes = get("notes")
@@ -202,7 +207,6 @@ class Extractor:
             notes = [*(notes or ()), text + (f" ({url[0]})" if url else "")]
         if notes:
             row.notes = notes[0] if len(notes) == 1 else "\n".join(notes)
-        return row
 
 
 def parse_mapping(specs: list[str]) -> dict[str, str]:

@@ -17,6 +17,7 @@ import codecs
 import csv
 import io
 import os
+import pickle
 import re
 import sys
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, NamedTuple
+from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
@@ -42,6 +43,9 @@ EXPORT_BATCH = 5000
 EXPORT_PROCESSES = 2  # readers of a whole export: SQLite processes, PostgreSQL connections (one per core)
 PG_EXPORT_RANGE = 50_000  # contact ids per COPY of a parallel PostgreSQL export
 IMPORT_BATCH = 5000
+DEFER_LIMIT = 20_000  # rows that may merge, held back by a fast import until this many (or the end)
+FAST_MIN_EMAILS = 50_000  # a user with at most this many emails (or as many as the file) gets a fast import
+BYTES_PER_ROW = 100  # a rough guess of a file's rows from its size; real exports run 60-150 bytes a contact
 PARSE_PROCESS_MIN_BYTES = 4 * 1024 * 1024  # smaller inputs are parsed inline (a fork costs ~10 ms)
 SAMPLE_BYTES = 64 * 1024
 FIELD_LIMIT = 16 * 1024 * 1024  # a larger field is a broken file, not a contact
@@ -59,38 +63,38 @@ _SEP = "\x1f"  # joins multi-values inside export queries (cannot occur in our d
 
 # --- phones: the CPU hot spot of a big import ------------------------------------------------------
 
-_NANP_FORMATTED = re.compile(r"^\+?[\d ().\-]+$")
 _NANP_REGIONS = ("US", "CA")
 
 
 def phone_e164(raw: str, region: str) -> str | None:
     """`normalize.to_e164` with a shortcut for North American numbers (same answers, ~50x faster).
 
-    Plain digits with ` ().-` separators take the shortcut when they are +1 or (in a NANP region)
-    a 10-digit number or a 1 + 10-digit number whose area code starts with 2-9; libphonenumber
-    answers every other shape (tests compare both on many generated numbers).
+    ASCII digits with ` ().-` separators take the shortcut when they are +1 and 10 digits (the
+    plus first), or (in a NANP region) a 10-digit number or 1 + 10 digits whose area code starts with
+    2-9, or a 7-digit local number starting with 2-9; libphonenumber answers every other shape (tests
+    compare both on many generated numbers).
     """
-    if _NANP_FORMATTED.match(raw) and (raw[0] != "+" or raw.startswith("+1")):
-        number = raw.translate(_DROP_SEPARATORS)
-        if raw[0] == "+":
-            number = number[1:]
-            if len(number) == 11 and number[1] in "23456789" and "+" not in number:
-                return "+" + number
-        elif region in _NANP_REGIONS:
-            if len(number) == 10 and number[0] in "23456789":
-                return "+1" + number
-            if len(number) == 11 and number[0] == "1" and number[1] in "23456789":
-                return "+" + number
+    if raw.isascii():
+        number = raw.encode("ascii").translate(None, b" ().-").decode("ascii")
+        if number.isdigit():
+            if region in _NANP_REGIONS:
+                size = len(number)
+                if (size == 10 or size == 7) and number[0] in "23456789":
+                    return "+1" + number
+                if size == 11 and number[0] == "1" and number[1] in "23456789":
+                    return "+" + number
+        elif (raw[0] == "+" and len(number) == 12 and number[1] == "1" and number[2] in "23456789"
+              and number[1:].isdigit()):
+            return number
     return to_e164(raw, region)
-
-
-_DROP_SEPARATORS = str.maketrans("", "", " ().-")
 
 
 def fold_fast(text: str | None) -> str:
     """`normalize.fold`, skipping Unicode decomposition for plain ASCII (and remembering recent
     non-ASCII names and companies: they repeat a lot in real files)."""
-    if text and text.isascii():
+    if not text:
+        return ""
+    if text.isascii():
         return text.lower()
     return _fold_cached(text)
 
@@ -99,8 +103,12 @@ _fold_cached = lru_cache(maxsize=16384)(fold)
 
 
 def _search_text(name, company, emails, phones) -> str:
-    parts = [fold_fast(name), fold_fast(company), *emails, *phone_search_parts(phones)]
-    return "\n".join(p for p in parts if p)
+    """`normalize.search_text`, faster."""
+    parts = [p for p in (fold_fast(name), fold_fast(company)) if p]
+    parts += emails
+    if phones:
+        parts += phone_search_parts(phones)
+    return "\n".join(parts)
 
 
 # --- reading the input ----------------------------------------------------------------------------
@@ -167,16 +175,29 @@ class CsvInput:
         return self._chain.consumed
 
     def records(self) -> Iterator[tuple[int, list[str]]]:
-        """(first line of the record, cells), blank lines left out."""
+        """(first line of the record, cells), blank lines and rows of blank cells left out."""
+        for batch in self.batches(1000):
+            for line, cells in batch:
+                if not is_blank(cells):
+                    yield line, cells
+
+    def batches(self, size: int) -> Iterator[list[tuple[int, list[str]]]]:
+        """Lists of up to `size` records as (first line, cells). Empty lines are left out, but rows of
+        blank cells (spreadsheets write those) are not: whoever reads the cells skips them (is_blank)."""
         reader = self._reader
         last = reader.line_num
+        batch: list[tuple[int, list[str]]] = []
         try:
             for cells in reader:
                 line = last + 1
                 last = reader.line_num
-                if not cells or not any(c.strip() for c in cells):
-                    continue  # blank line, or a row of empty cells (spreadsheets write those)
-                yield line, cells
+                if cells:
+                    batch.append((line, cells))
+                    if len(batch) >= size:
+                        yield batch
+                        batch = []
+            if batch:
+                yield batch
         except csv.Error as exc:
             message = str(exc)
             if "end of data" in message:
@@ -190,6 +211,10 @@ class CsvInput:
     def close(self) -> None:
         if self._close:
             self._close()
+
+
+def is_blank(cells: list[str]) -> bool:
+    return not "".join(cells).strip()
 
 
 def open_csv(source: str | Path | IO[bytes], *, encoding: str | None = None, delimiter: str | None = None,
@@ -328,6 +353,7 @@ class ImportOptions:
     dry_run: bool = False
     region: str = "US"
     batch_size: int = IMPORT_BATCH
+    seen_bits: int = 1 << 28  # the size of a fast import's bitmap of emails (_SeenEmails): 32 MB
 
     def validate(self) -> "ImportOptions":
         if self.source_format not in ("auto", *formats.FORMATS):
@@ -382,10 +408,10 @@ class _Target:
 
     __slots__ = ("id", "new", "name", "company", "title", "emails", "phones", "tags", "notes", "manual",
                  "created_at", "updated_at", "last_at", "n_emails", "n_phones", "n_tags", "n_notes",
-                 "next_email_pos", "next_phone_pos", "changed", "line", "search")
+                 "next_email_pos", "next_phone_pos", "changed", "line", "search", "stored_search")
 
     def __init__(self, *, id=None, new=True, name=None, company=None, title=None, manual=(), created_at=None,
-                 updated_at=None, last_at=None, line=0):
+                 updated_at=None, last_at=None, line=0, stored_search=None):
         self.id, self.new, self.line = id, new, line
         self.name, self.company, self.title = name, company, title
         self.emails: list[str] = []
@@ -398,6 +424,7 @@ class _Target:
         self.next_email_pos = self.next_phone_pos = 0
         self.changed = False
         self.search: str | None = None
+        self.stored_search = stored_search  # a loaded contact's search text as the database has it
 
 
 class _Row(NamedTuple):
@@ -415,13 +442,95 @@ class _Row(NamedTuple):
     created_at: datetime | None
     updated_at: datetime | None
     search: str  # the search text if the row becomes a new contact (computed by the reader)
+    slot: int  # the row's place among the batch's valid rows (a fast import reserves a contact id for each)
+
+
+class _SeenEmails:
+    """The emails an import has met (the user's own, then each row's), as a bitmap of their hashes, so that
+    telling a new contact from a duplicate costs no query. A set bit means "maybe seen": another email can
+    share it (about one row in 150 at a million emails), and such rows take the exact path."""
+
+    def __init__(self, size: int, emails: Iterable[str] = ()):
+        self.bits, self.mask = bytearray(max(size >> 3, 1)), max(size, 8) - 1
+        for email in emails:
+            self.add((email,))
+
+    def add(self, emails: list[str]) -> bool:
+        """Mark `emails` as met; True when any of them may have been met before."""
+        bits, mask, met = self.bits, self.mask, False
+        for email in emails:
+            h = hash(email) & mask
+            if bits[h >> 3] & (1 << (h & 7)):
+                met = True
+            else:
+                bits[h >> 3] |= 1 << (h & 7)
+        return met
+
+
+class _Fresh:
+    """The new contacts of one batch (rows sharing no email with an earlier row or an existing contact), as
+    insert rows without ids, built by the reader: `k` is a contact's index in `contacts`."""
+
+    __slots__ = ("slots", "contacts", "emails", "phones", "tags", "notes")
+
+    def __init__(self) -> None:
+        self.slots: list[int] = []  # each contact's row slot (see _Row.slot)
+        # (display_name, company, title, created_at, updated_at, last_interaction_at, search_text,
+        #  manual_fields, interaction_count): the columns of _CONTACT_COLUMNS after id and user_id
+        self.contacts: list[tuple] = []
+        self.emails: list[tuple[str, int, int]] = []  # (email, k, position), in email order
+        self.phones: list[tuple[int, str, str | None, int]] = []  # (k, raw, e164, position)
+        self.tags: list[tuple[int, str]] = []  # (k, tag)
+        self.notes: list[tuple[int, str]] = []  # (k, body)
+
+    def add(self, slot, name, company, title, notes, emails, phones, tags, created, updated, last, search) -> None:
+        k = len(self.contacts)
+        self.slots.append(slot)
+        manual = _MANUAL_BY_MASK[(name is not None) << 2 | (company is not None) << 1 | (title is not None)]
+        self.contacts.append((name, company, title, created, updated, last, search, manual, 1 if notes else 0))
+        for position, email in enumerate(emails):
+            self.emails.append((email, k, position))
+        for position, (raw, e164) in enumerate(phones):
+            self.phones.append((k, raw, e164, position))
+        for tag in tags:
+            self.tags.append((k, tag))
+        if notes:
+            self.notes.append((k, notes))
+
+    def __getstate__(self):
+        return self.slots, self.contacts, self.emails, self.phones, self.tags, self.notes
+
+    def __setstate__(self, state) -> None:
+        self.slots, self.contacts, self.emails, self.phones, self.tags, self.notes = state
+
+
+class _Parsed(NamedTuple):
+    """One batch of records as the reader hands it over."""
+
+    count: int  # records read
+    slots: int  # valid rows
+    fresh: _Fresh | None  # new contacts (fast imports)
+    rows: list[_Row]  # rows that may merge into a contact (every valid row outside a fast import)
+    rejects: list[tuple]  # (line, cells, [(column, reason)])
+    consumed: int  # bytes of input read so far
+
+
+_CONTACT_COLUMNS = ("id", "user_id", "display_name", "company", "title", "created_at", "updated_at",
+                    "last_interaction_at", "search_text", "manual_fields", "interaction_count")
+_MANUAL_FIELDS = ("display_name", "company", "title")
+# manual_fields for each combination of name, company and title being set (bit 2, 1, 0 of the index)
+_MANUAL_BY_MASK = tuple(",".join(f for bit, f in zip((4, 2, 1), _MANUAL_FIELDS) if mask & bit) for mask in range(8))
 
 
 class _Db:
     """Driver-level bulk access inside the session's transaction (SQLite executemany / PostgreSQL COPY)."""
 
     def __init__(self, session: Session):
-        self.conn = session.connection()
+        # SQLite checks no foreign keys for an import that begins the transaction: the rows it writes only
+        # point at the user, at tags it looked up or made, and at contacts it made or loaded, all under
+        # the write lock (see db._configure_sqlite).
+        fresh = not session.in_transaction()
+        self.conn = session.connection(execution_options={"sqlite_foreign_keys": False} if fresh else None)
         self.raw = self.conn.connection.driver_connection
         self.pg = self.conn.dialect.name == "postgresql"
         self.cur = self.raw.cursor()
@@ -526,42 +635,76 @@ class Importer:
         self.tag_ids: dict[str, int] = {}
         self.width = len(source.header)
         self.region = options.region
-        self.fts_trigger: _FtsPause | None = None
-        self.index_pause: _IndexPause | None = None
-        self.sqlite_pragmas: dict = {}
+        self.search_index: _FtsCatchUp | None = None  # SQLite: the import indexes its contacts itself
         self.now_ts = self.db.ts(self.now)
         self.keep_cells = on_reject is not None  # original cells are only needed for the rejects file
         self._pending_rejects: list[tuple] = []
+        self._blank_rows = 0
+        self.seen: _SeenEmails | None = None  # set for a fast import (see _seen_emails)
+        self.fresh: _Fresh | None = None  # the batch's new contacts, while a fast import parses it
+        self.deferred: list[_Row] = []
+        self.reserved: dict[int, int] = {}  # line of a held-back row -> the contact id it gets if it is new
 
     # -- driving --------------------------------------------------------------------------------
     def run(self) -> ImportSummary:
-        for count, rows, rejects, consumed in self._parsed():
-            self.summary.rows += count
-            for line, cells, errors in rejects:
+        """Read every record and write it. A fast import writes new contacts at once and holds back the
+        rows that may merge into another contact for `flush_deferred`."""
+        for parsed in self._parsed():
+            self.summary.rows += parsed.count
+            for line, cells, errors in parsed.rejects:
                 self._reject(line, cells, errors)
-            self._batch(rows)
+            if self.seen is None:
+                self._batch(parsed.rows)
+            else:
+                # A contact id for every valid row, in file order: new contacts keep the file's order even
+                # when a held-back row turns out to be new (a merged row leaves its id unused).
+                ids = self.db.new_ids("contacts", parsed.slots)
+                self._add_fresh(parsed.fresh, [ids[slot] for slot in parsed.fresh.slots])
+                for row in parsed.rows:
+                    self.reserved[row.line] = ids[row.slot]
+                self.deferred += parsed.rows
+                if len(self.deferred) >= DEFER_LIMIT:
+                    self.flush_deferred()
+            if self.search_index is not None:
+                self.search_index.catch_up()
             if self.on_progress:
-                self.on_progress(consumed)
+                self.on_progress(parsed.consumed)
         return self.summary
+
+    def flush_deferred(self) -> None:
+        """Merge the held-back rows, in file order, the exact way (each email looked up). A row that
+        repeats an email only ever merges into a contact of an earlier row, so holding it back changes
+        nothing but the new contact's id when it turns out to be new after all."""
+        rows, self.deferred = self.deferred, []
+        size = self.opts.batch_size
+        for start in range(0, len(rows), size):
+            self._batch(rows[start:start + size])
+        self.reserved.clear()  # the ids of rows that merged stay unused
 
     # -- parsing: inline, or in a forked process while this one writes ---------------------------
     def _record_batches(self) -> Iterator[list[tuple[int, list[str]]]]:
-        batch: list[tuple[int, list[str]]] = []
-        size = self.opts.batch_size
-        for record in self.source.records():
-            batch.append(record)
-            if len(batch) >= size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        return self.source.batches(self.opts.batch_size)
 
-    def _parse_batch(self, batch: list[tuple[int, list[str]]]) -> tuple[int, list[_Row], list[tuple], int]:
+    def _parse_batch(self, batch: list[tuple[int, list[str]]]) -> _Parsed:
+        """Parse and check a batch of records. In a fast import, rows that are certainly new contacts go
+        straight into insert rows (`_parse` adds them to self.fresh); the others come back as _Row."""
         self._pending_rejects: list[tuple] = []
-        rows = [row for row in (self._parse(line, cells) for line, cells in batch) if row is not None]
-        return len(batch), rows, self._pending_rejects, self.source.bytes_read
+        self._blank_rows = self._slots = 0
+        self.fresh = _Fresh() if self.seen is not None else None
+        rows = [row for row in map(self._parse, batch) if row is not None]
+        if self.fresh is not None:
+            self.fresh.emails.sort()  # the unique (user_id, email) index's order: each of its pages visited once
+        return _Parsed(len(batch) - self._blank_rows, self._slots, self.fresh, rows, self._pending_rejects,
+                       self.source.bytes_read)
 
-    def _parsed(self) -> Iterator[tuple[int, list[_Row], list[tuple], int]]:
+    def _skip_blank(self, cells: list[str]) -> bool:
+        """A row of blank cells is no record at all (checked only for rows that fail otherwise)."""
+        if is_blank(cells):
+            self._blank_rows += 1
+            return True
+        return False
+
+    def _parsed(self) -> Iterator[_Parsed]:
         total = self.source.total_bytes
         if (hasattr(os, "fork") and os.environ.get("OMNICRM_CSV_PARSE_PROCESS", "1") != "0"
                 and (total is None or total >= PARSE_PROCESS_MIN_BYTES)):
@@ -570,10 +713,10 @@ class Importer:
             for batch in self._record_batches():
                 yield self._parse_batch(batch)
 
-    def _parsed_in_process(self) -> Iterator[tuple[int, list[_Row], list[tuple], int]]:
+    def _parsed_in_process(self) -> Iterator[_Parsed]:
         """Reading, decoding, validating and phone parsing run in a forked child (the second core), which
         sends parsed batches through a pipe; this process only merges and writes."""
-        child = _Forked(lambda: map(self._parse_batch, self._record_batches()), "reading the CSV")
+        child = _Forked(lambda: map(self._parse_batch, self._record_batches()), "reading the CSV", ahead=16)
         try:
             yield from child
         finally:
@@ -602,9 +745,12 @@ class Importer:
             self._apply(row, owners, index, touched)
         self._write(touched)
 
-    def _parse(self, line: int, cells: list[str]) -> _Row | None:
+    def _parse(self, record: tuple[int, list[str]]) -> _Row | None:
+        line, cells = record
         ext = self.extractor
         if len(cells) != self.width:
+            if self._skip_blank(cells):
+                return None
             if len(cells) > self.width:
                 self._pending_rejects.append((line, cells if self.keep_cells else [], [(
                     str(self.width + 1), f"unexpected extra field: the row has "
@@ -643,7 +789,7 @@ class Importer:
                 errors.append((ext.column_of("phone"), f"a phone number is longer than {PHONE_MAX} characters"))
                 continue
             e164 = phone_e164(raw, self.region)
-            if not any((e164 and e == e164) or r == raw for r, e in phones):
+            if not phones or not any((e164 and e == e164) or r == raw for r, e in phones):
                 phones.append((raw, e164))
         tags: list[str] = []
         for value in data.tags:
@@ -662,15 +808,26 @@ class Importer:
             if updated is None:
                 errors.append((ext.column_of("updated_at"), f"{data.updated_at[:40]!r} is not an ISO 8601 timestamp"))
         if not data.display_name and not data.emails:
+            if self._skip_blank(cells):
+                return None
             column = ext.column_of("display_name") if "display_name" in ext.first_column else (
                 ext.column_of("first_name") if "first_name" in ext.first_column else ext.column_of("email"))
             errors.append((column, "a contact needs a name or an email"))
         if errors:
             self._pending_rejects.append((line, cells if self.keep_cells else [], errors))
             return None
-        return _Row(line, cells if self.keep_cells else None, data.display_name, data.company, data.title,
-                    data.notes, emails, phones, tags, created, updated,
-                    _search_text(data.display_name, data.company, emails, phones))
+        name, company, title, notes = data.display_name, data.company, data.title, data.notes
+        search = _search_text(name, company, emails, phones)
+        if self.fresh is not None and not self.seen.add(emails):  # certainly a new contact
+            ts, now_ts = self.db.ts, self.now_ts
+            created_ts = ts(created) if created else now_ts
+            self.fresh.add(self._slots, name, company, title, notes, emails, phones, tags, created_ts,
+                           ts(updated) if updated else created_ts, now_ts if notes else None, search)
+            self._slots += 1
+            return None
+        self._slots += 1
+        return _Row(line, cells if self.keep_cells else None, name, company, title, notes, emails, phones, tags,
+                    created, updated, search, self._slots - 1)
 
     def _owners(self, rows: list[_Row]) -> dict[str, int]:
         """Existing contacts (this user's) owning any email of the batch."""
@@ -685,12 +842,12 @@ class Importer:
             return {}
         db, uid, id_list = self.db, self.user_id, sorted(ids)
         targets: dict[int, _Target] = {}
-        for cid, name, company, title, manual, created, updated, last in db.select_in(
+        for cid, name, company, title, manual, created, updated, last, search in db.select_in(
                 "SELECT id, display_name, company, title, manual_fields, created_at, updated_at, "
-                "last_interaction_at FROM contacts WHERE +user_id = ? AND id IN_LIST", (uid,), id_list):
+                "last_interaction_at, search_text FROM contacts WHERE +user_id = ? AND id IN_LIST", (uid,), id_list):
             targets[cid] = _Target(id=cid, new=False, name=name, company=company, title=title,
                                    manual=filter(None, (manual or "").split(",")), created_at=_aware(created),
-                                   updated_at=_aware(updated), last_at=_aware(last))
+                                   updated_at=_aware(updated), last_at=_aware(last), stored_search=search)
         for cid, email, pos in db.select_in("SELECT contact_id, email, position FROM contact_emails "
                                             "WHERE +user_id = ? AND contact_id IN_LIST ORDER BY contact_id, position",
                                             (uid,), id_list):
@@ -719,7 +876,8 @@ class Importer:
     def _apply(self, row: _Row, owners: dict[str, int], index: dict[str, _Target], touched: list[_Target]) -> None:
         target = next((index[e] for e in row.emails if e in index), None)
         if target is None:
-            t = _Target(name=row.name, company=row.company, title=row.title, line=row.line,
+            t = _Target(id=self.reserved.pop(row.line, None), name=row.name, company=row.company, title=row.title,
+                        line=row.line,
                         created_at=row.created_at or self.now,
                         updated_at=row.updated_at or row.created_at or self.now,
                         manual=[f for f, v in (("display_name", row.name), ("company", row.company),
@@ -791,11 +949,10 @@ class Importer:
 
         def ts(value: datetime):
             return now_ts_value if value is now else db.ts(value)
-        new = [t for t in touched if t.new]
+        new = [t for t in touched if t.new and t.id is None]  # (a held-back row has its id)
         for t, cid in zip(new, db.new_ids("contacts", len(new))):
             t.id = cid
         notes = [(t, body) for t in touched for body in t.notes[t.n_notes:]]
-        note_ids = db.new_ids("notes", len(notes))
         now_ts = ts(self.now)
         for t, _ in notes:
             t.last_at = self.now if t.last_at is None or t.last_at < self.now else t.last_at
@@ -803,13 +960,15 @@ class Importer:
         tag_ids = self._tag_ids({tag for t in touched for tag in t.tags[t.n_tags:]})
         for t in touched:
             text = t.search if t.search is not None else _search_text(t.name, t.company, t.emails, t.phones)
-            manual = ",".join(f for f in ("display_name", "company", "title") if f in t.manual)
+            manual = ",".join(f for f in _MANUAL_FIELDS if f in t.manual)
             last = ts(t.last_at) if t.last_at is not None else None
             if t.new:  # its notes' interactions counted at once (the relationship score's counter, score.py)
                 contacts.append((t.id, uid, t.name, t.company, t.title, ts(t.created_at), ts(t.updated_at),
                                  last, text, manual, len(t.notes)))
             else:
                 updates.append((t.name, t.company, t.title, text, manual, now_ts, last, t.id))
+            if self.search_index is not None:
+                self.search_index.changed(t.id, None if t.new else t.stored_search)
             cid = t.id
             pos = t.next_email_pos
             for email in t.emails[t.n_emails:]:
@@ -821,28 +980,46 @@ class Importer:
                 pos += 1
             for tag in t.tags[t.n_tags:]:
                 tag_rows.append((cid, tag_ids[tag]))
-        db.insert("contacts", ("id", "user_id", "display_name", "company", "title", "created_at", "updated_at",
-                               "last_interaction_at", "search_text", "manual_fields", "interaction_count"), contacts)
+        db.insert("contacts", _CONTACT_COLUMNS, contacts)
         db.executemany("UPDATE contacts SET display_name = ?, company = ?, title = ?, search_text = ?, "
                        "manual_fields = ?, updated_at = ?, last_interaction_at = ? WHERE id = ?", updates)
         emails.sort(key=_by_email)  # in the unique (user_id, email) index's order: each leaf page visited once
         db.insert("contact_emails", ("user_id", "contact_id", "email", "position"), emails)
         db.insert("contact_phones", ("user_id", "contact_id", "raw", "e164", "position"), phones)
         db.insert("contact_tags", ("contact_id", "tag_id"), tag_rows)
-        if notes:
-            db.insert("notes", ("id", "user_id", "contact_id", "body", "created_at"),
-                      [(nid, uid, t.id, body, now_ts) for nid, (t, body) in zip(note_ids, notes)])
-            db.insert("interactions", ("user_id", "contact_id", "kind", "direction", "occurred_at", "subject",
-                                       "source", "external_id"),
-                      [(uid, t.id, "note", None, now_ts, body.splitlines()[0][:200] if body else "", "note",
-                        str(nid)) for nid, (t, body) in zip(note_ids, notes)])
-            # The relationship score's counter (omnicrm/score.py) counts these note interactions too.
-            added: dict[int, int] = {}
-            for t, _ in notes:
-                if not t.new:
-                    added[t.id] = added.get(t.id, 0) + 1
-            db.executemany("UPDATE contacts SET interaction_count = interaction_count + ? WHERE id = ?",
-                           [(n, cid) for cid, n in added.items()])
+        self._insert_notes([(t.id, body) for t, body in notes])
+        # The relationship score's counter (omnicrm/score.py) counts these note interactions too.
+        added: dict[int, int] = {}
+        for t, _ in notes:
+            if not t.new:
+                added[t.id] = added.get(t.id, 0) + 1
+        db.executemany("UPDATE contacts SET interaction_count = interaction_count + ? WHERE id = ?",
+                       [(n, cid) for cid, n in added.items()])
+
+    def _add_fresh(self, fresh: _Fresh, ids: list[int]) -> None:
+        db, uid = self.db, self.user_id
+        db.insert("contacts", _CONTACT_COLUMNS, [(cid, uid, *row) for cid, row in zip(ids, fresh.contacts)])
+        db.insert("contact_emails", ("user_id", "contact_id", "email", "position"),
+                  [(uid, ids[k], email, pos) for email, k, pos in fresh.emails])
+        db.insert("contact_phones", ("user_id", "contact_id", "raw", "e164", "position"),
+                  [(uid, ids[k], raw, e164, pos) for k, raw, e164, pos in fresh.phones])
+        tag_ids = self._tag_ids({tag for _, tag in fresh.tags})
+        db.insert("contact_tags", ("contact_id", "tag_id"), [(ids[k], tag_ids[tag]) for k, tag in fresh.tags])
+        self._insert_notes([(ids[k], body) for k, body in fresh.notes])
+        self.summary.created += len(ids)
+
+    def _insert_notes(self, notes: list[tuple[int, str]]) -> None:
+        """Notes (contact id, body) and their timeline entries."""
+        if not notes:
+            return
+        db, uid, now_ts = self.db, self.user_id, self.now_ts
+        ids = db.new_ids("notes", len(notes))
+        db.insert("notes", ("id", "user_id", "contact_id", "body", "created_at"),
+                  [(nid, uid, cid, body, now_ts) for nid, (cid, body) in zip(ids, notes)])
+        db.insert("interactions", ("user_id", "contact_id", "kind", "direction", "occurred_at", "subject",
+                                   "source", "external_id"),
+                  [(uid, cid, "note", None, now_ts, body.splitlines()[0][:200] if body else "", "note", str(nid))
+                   for nid, (cid, body) in zip(ids, notes)])
 
     def _tag_ids(self, names: set[str]) -> dict[str, int]:
         missing = [n for n in names if n not in self.tag_ids]
@@ -909,50 +1086,54 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
     """
     options.validate()
     importer = Importer(session, user_id, source, options, **callbacks)
-    db = importer.db
+    db, summary = importer.db, importer.summary
     if db.pg:
         # One import per user at a time: a second import of overlapping rows waits here, then sees the
         # first one's contacts (and merges into them) instead of failing on the unique email index.
         # SQLite gets the same from BEGIN IMMEDIATE.
         db.cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (IMPORT_LOCK_KEY, user_id))
-        bulk = _PgBulkLoad.start(db, source)
+    importer.seen = _seen_emails(importer)
+    if db.pg:
+        bulk = _PgBulkLoad.start(db, source, fast=importer.seen is not None)
         with _fewer_gc_passes():
-            summary = importer.run()
-        if bulk and not summary.dry_run and not summary.failed:  # otherwise the caller rolls back (and the drop)
-            bulk.restore()
-        if summary.created >= ANALYZE_MIN_ROWS and not summary.dry_run and not summary.failed:
-            # Fresh statistics with the rows (ANALYZE in the transaction counts them): without them the
-            # planner treats the tables as near-empty until autovacuum gets round to them, and picks
-            # plans (list, search, export) that scan every contact. ~0.7 s for 1M rows.
-            db.cur.execute("ANALYZE contacts, contact_emails, contact_phones, contact_tags, tags, notes, "
-                           "interactions")
+            importer.run()
+            if not summary.dry_run and not summary.failed:  # otherwise the caller rolls back (the drop too)
+                if bulk:
+                    bulk.restore()
+                if summary.created >= ANALYZE_MIN_ROWS:
+                    # Fresh statistics with the rows (ANALYZE in the transaction counts them): without them
+                    # the planner takes the tables for near-empty until autovacuum gets round to them, and
+                    # scans every contact (list, search, export; the lookups of the held-back rows below).
+                    # ~0.7 s for 1M rows.
+                    db.cur.execute("ANALYZE contacts, contact_emails, contact_phones, contact_tags, tags, notes, "
+                                   "interactions")
+            importer.flush_deferred()
         return summary
     # A larger page cache for the bulk writes (index pages of 1M rows), and no memory map: mapped pages of
     # a big database would count as resident memory. Both back to what they were after.
-    importer.sqlite_pragmas = _sqlite_pragmas(db.cur, cache_size=-65536, mmap_size=0)
-    importer.fts_trigger = _FtsPause.start(db)
-    importer.index_pause = _IndexPause.start(db, source)
+    pragmas = _sqlite_pragmas(db.cur, cache_size=-65536, mmap_size=0)
     try:
+        importer.search_index = _FtsCatchUp.start(db, chunk=20 * options.batch_size)
         with _fewer_gc_passes():
-            summary = importer.run()
-    except BaseException:
-        try:  # the caller rolls back anyway (the drop too); do not hide the real error
-            _restore_sqlite(importer)
-        except Exception:  # noqa: BLE001
-            pass
-        raise
-    _restore_sqlite(importer)
+            importer.run()
+            importer.flush_deferred()
+        if importer.search_index:
+            importer.search_index.finish()
+    finally:
+        _sqlite_pragmas(db.cur, **pragmas)
     return summary
 
 
-def _restore_sqlite(importer: Importer) -> None:
-    if importer.index_pause:
-        importer.index_pause.restore()
-        importer.index_pause = None
-    if importer.fts_trigger:
-        importer.fts_trigger.restore()
-        importer.fts_trigger = None
-    _sqlite_pragmas(importer.db.cur, **importer.sqlite_pragmas)
+def _seen_emails(importer: Importer) -> _SeenEmails | None:
+    """The bitmap of a fast import, holding the user's emails; None (every row is looked up) for a user with
+    many more emails than the file has rows, for --on-duplicate error (its message names the row a duplicate
+    repeats) and for a dry run's plan (which names the contacts rows merge into)."""
+    if importer.opts.on_duplicate == "error" or importer.on_plan:
+        return None
+    limit = max(FAST_MIN_EMAILS, (importer.source.total_bytes or 0) // BYTES_PER_ROW)
+    emails = [email for (email,) in importer.db.query(
+        "SELECT email FROM contact_emails WHERE user_id = ? LIMIT ?", (importer.user_id, limit + 1))]
+    return _SeenEmails(importer.opts.seen_bits, emails) if len(emails) <= limit else None
 
 
 def _sqlite_pragmas(cur, **values) -> dict:
@@ -965,135 +1146,131 @@ def _sqlite_pragmas(cur, **values) -> dict:
     return previous
 
 
-class _FtsPause:
-    """SQLite: the search index's insert trigger costs ~0.2 ms a row. The import drops it inside its own
-    transaction and indexes every contact it created with one INSERT … SELECT just before the commit
-    (DDL is transactional in SQLite, and the import holds the write lock throughout, so the new contacts
-    are exactly those with an id above the largest one at the start). Meanwhile the update trigger only
-    runs for contacts that existed before the import (a merge into one of them); the import's own contacts
-    are not in the index yet, and get their final text at the end.
+class _FtsCatchUp:
+    """SQLite: the search index's triggers write an FTS5 segment for every statement (~0.2 ms a row). An
+    import drops them, inside its own transaction (DDL is transactional in SQLite, and the import holds the
+    write lock, so nobody else adds contacts meanwhile), and indexes its new contacts itself: CHUNK at a
+    time with one INSERT … SELECT each (`catch_up`, between batches, while the reader process parses the
+    next ones), and the rest at the end (`finish`, which puts the triggers back).
 
-    FTS5 also flushes its in-memory term buffer to a new segment every `hashsize` bytes (1 MB by
-    default); one statement with a larger buffer writes few, large segments and merges far less (~40%
-    less FTS time than a statement per batch). It is an FTS5 setting stored in the index, so it is put
-    back before the commit too."""
+    Meanwhile the update trigger only runs for the contacts that existed before (a merge into one of them).
+    A merge into a contact of this import that is indexed already, or a held-back row that turns out to be
+    a new contact with an id below the indexed ones (see Importer.reserved), is noted (`changed`) and
+    (re-)indexed by the next catch_up, all such contacts by two statements. FTS5 flushes
+    its term buffer every `hashsize` bytes (1 MB by default); with 64 MB a chunk makes one segment and
+    little is merged. That setting is stored in the index, so it is put back before the commit too."""
 
+    CHUNK = 100_000
     HASHSIZE = 64 * 1024 * 1024
     DEFAULT_HASHSIZE = 1024 * 1024  # FTS5's own default
 
-    def __init__(self, db: _Db, saved: list[str], first_id: int):
-        from omnicrm.search_index import FTS_TABLE
-
-        self.db, self.saved, self.first_id, self.table = db, saved, first_id, FTS_TABLE
+    def __init__(self, db: _Db, table: str, saved: list[str], first: int, hashsize: int, chunk: int):
+        self.db, self.table, self.saved, self.hashsize, self.chunk = db, table, saved, hashsize, chunk
+        self.first = self.upto = first  # this import's contacts are first…; those below upto are indexed
+        self.stale: dict[int, str | None] = {}  # contacts to index again: the text the index holds (None: none)
 
     @classmethod
-    def start(cls, db: _Db) -> "_FtsPause | None":
+    def start(cls, db: _Db, chunk: int = CHUNK) -> "_FtsCatchUp | None":
         from omnicrm.search_index import FTS_TABLE
 
         names = (f"{FTS_TABLE}_ai", f"{FTS_TABLE}_au")
         found = dict(db.query("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name IN (?, ?)", names))
         if set(found) != set(names):
-            return None
-        first_id = db.query("SELECT coalesce(max(id), 0) + 1 FROM contacts")[0][0]
+            return None  # no search index (the LIKE fallback)
+        first = (db.query("SELECT max(id) FROM contacts")[0][0] or 0) + 1
+        stored = db.query(f"SELECT v FROM {FTS_TABLE}_config WHERE k = 'hashsize'")
         for name in names:
             db.cur.execute(f"DROP TRIGGER {name}")
-        db.cur.execute(re.sub(r"\bWHEN\b(.*?)\bBEGIN\b", lambda m: f"WHEN old.id < {int(first_id)} AND ({m[1]}) BEGIN",
+        db.cur.execute(re.sub(r"\bWHEN\b(.*?)\bBEGIN\b", lambda m: f"WHEN old.id < {int(first)} AND ({m[1]}) BEGIN",
                               found[names[1]], count=1, flags=re.S | re.I))
-        return cls(db, [found[n] for n in names], first_id)
+        db.cur.execute(f"INSERT INTO {FTS_TABLE}({FTS_TABLE}, rank) VALUES ('hashsize', ?)", (cls.HASHSIZE,))
+        return cls(db, FTS_TABLE, [found[n] for n in names], first,
+                   int(stored[0][0]) if stored else cls.DEFAULT_HASHSIZE, chunk)
 
-    def restore(self) -> None:
+    def changed(self, contact_id: int, indexed_text: str | None) -> None:
+        """Contact `contact_id` was written with a new search text: it had `indexed_text` (None: it is new)."""
+        if self.first <= contact_id < self.upto:
+            self.stale.setdefault(contact_id, indexed_text)
+
+    def catch_up(self, everything: bool = False) -> None:
+        """Re-index the changed contacts, and index the new ones once there are `chunk` of them (or all)."""
         db, table = self.db, self.table
-        stored = db.query(f"SELECT v FROM {table}_config WHERE k = 'hashsize'")
-        db.cur.execute(f"INSERT INTO {table}({table}, rank) VALUES ('hashsize', ?)", (self.HASHSIZE,))
-        db.cur.execute(f"INSERT INTO {table}(rowid, search_text) SELECT id, search_text FROM contacts WHERE id >= ?",
-                       (self.first_id,))
-        db.cur.execute(f"INSERT INTO {table}({table}, rank) VALUES ('hashsize', ?)",
-                       (int(stored[0][0]) if stored else self.DEFAULT_HASHSIZE,))
+        if self.stale:
+            pairs = [(cid, text) for cid, text in self.stale.items() if text is not None]
+            for start in range(0, len(pairs), 10_000):  # well under SQLite's 32766 parameters a statement
+                part = pairs[start:start + 10_000]
+                db.cur.execute(f"INSERT INTO {table}({table}, rowid, search_text) VALUES "
+                               + ", ".join(["('delete', ?, ?)"] * len(part)), [v for pair in part for v in pair])
+            db.select_in(f"INSERT INTO {table}(rowid, search_text) SELECT id, search_text FROM contacts "
+                         "WHERE id IN_LIST", (), list(self.stale))
+            self.stale.clear()
+        top = (db.query("SELECT max(id) FROM contacts")[0][0] or 0) + 1
+        if top - self.upto >= (1 if everything else self.chunk):
+            db.cur.execute(f"INSERT INTO {table}(rowid, search_text) SELECT id, search_text FROM contacts "
+                           "WHERE id >= ? AND id < ?", (self.upto, top))
+            self.upto = top
+
+    def finish(self) -> None:
+        db, table = self.db, self.table
+        self.catch_up(everything=True)
+        db.cur.execute(f"INSERT INTO {table}({table}, rank) VALUES ('hashsize', ?)", (self.hashsize,))
         db.cur.execute(f"DROP TRIGGER {table}_au")
         for sql in self.saved:
             db.cur.execute(sql)
 
 
-class _IndexPause:
-    """SQLite, a big file into a small database: the secondary indexes that only serve listing and sorting
-    (random insert positions: names, phones by number, tags by tag) are dropped for the import and built
-    again before the commit, by one sort each, which is cheaper than a million random inserts. Unique
-    indexes and the contact_id indexes the import itself reads stay. DDL is transactional in SQLite: a
-    rolled-back import gets its indexes back, and readers keep seeing them meanwhile."""
-
-    TABLES = ("contacts", "contact_phones", "contact_tags")
-    MIN_ROWS = 50_000  # smaller imports keep their indexes
-    BYTES_PER_ROW = 100  # a rough guess from the file size; real exports run 60-150 bytes a contact
-
-    def __init__(self, db: _Db, saved: list[str]):
-        self.db, self.saved = db, saved
-
-    @classmethod
-    def start(cls, db: _Db, source: CsvInput) -> "_IndexPause | None":
-        expected = (source.total_bytes or 0) // cls.BYTES_PER_ROW
-        if expected < cls.MIN_ROWS or expected < db.query("SELECT count(*) FROM contacts")[0][0]:
-            return None  # unknown size (stdin), a small file, or rebuilding would cost more than it saves
-        marks = ", ".join("?" * len(cls.TABLES))
-        found = db.query(f"SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name IN ({marks}) "
-                         "AND sql IS NOT NULL", cls.TABLES)
-        saved = []
-        for name, sql in found:
-            if re.match(r"\s*CREATE\s+UNIQUE", sql, re.I) or re.search(r"\(\s*\"?contact_id\b", sql):
-                continue
-            db.cur.execute(f'DROP INDEX "{name}"')
-            saved.append(sql)
-        return cls(db, saved) if saved else None
-
-    def restore(self) -> None:
-        for sql in self.saved:
-            self.db.cur.execute(sql)
-
-
 class _PgBulkLoad:
     """PostgreSQL, a big file into a small database: maintaining the trigram index, the list indexes and
     the foreign keys row by row costs four times the inserts themselves (the GIN index alone half).
-    For the import the non-unique indexes of the contact tables (except those on contact_id, which the
-    import reads) and their foreign keys are dropped inside the import's transaction and created again
-    before the commit: one sort per index and one join per foreign key. DDL is transactional, so a failed
-    or rolled-back import gets everything back. The cost: until the import commits, other sessions that
-    touch these tables wait for it (the drop takes an exclusive lock), so this only happens for a file
-    expected to hold at least MIN_ROWS contacts and at least as many as the whole table has already."""
+    For the import the contact tables' foreign keys and their indexes are dropped inside the import's
+    transaction and created again before the commit (`restore`): one sort per index and one join per
+    foreign key. Primary keys stay; so do the unique email index and the contact_id indexes, which the
+    import reads, unless it is a fast import (which reads them only after `restore`). DDL is
+    transactional, so a failed or rolled-back import gets everything back. The cost: until the import
+    commits, other sessions that touch these tables wait for it (the drop takes an exclusive lock), so this
+    only happens for a file expected to hold at least MIN_ROWS contacts and at least as many as the whole
+    table has already."""
 
-    TABLES = ("contacts", "contact_emails", "contact_phones", "contact_tags")
+    TABLES = ("contacts", "contact_emails", "contact_phones", "contact_tags", "notes", "interactions")
+    INDEXED = TABLES[:4]  # notes and interactions keep their indexes (few notes; many synced emails)
     MIN_ROWS = 50_000
-    BYTES_PER_ROW = 100  # a rough guess from the file size, as for _IndexPause
     MAINTENANCE_MEMORY = "256MB"  # server memory for each index build (SET LOCAL: this transaction only)
 
-    def __init__(self, db: _Db, indexes: list[str], foreign_keys: list[tuple[str, str, str]]):
-        self.db, self.indexes, self.foreign_keys = db, indexes, foreign_keys
+    def __init__(self, db: _Db, indexes: list[str], constraints: list[tuple[str, str, str]]):
+        self.db, self.indexes, self.constraints = db, indexes, constraints
 
     @classmethod
-    def start(cls, db: _Db, source: CsvInput) -> "_PgBulkLoad | None":
-        expected = (source.total_bytes or 0) // cls.BYTES_PER_ROW
+    def start(cls, db: _Db, source: CsvInput, fast: bool) -> "_PgBulkLoad | None":
+        expected = (source.total_bytes or 0) // BYTES_PER_ROW
         if expected < cls.MIN_ROWS or expected < db.query("SELECT count(*) FROM contacts")[0][0]:
             return None
         tables = list(cls.TABLES)
         db.cur.execute(f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
-        foreign_keys = db.query("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
-                                "FROM pg_constraint WHERE contype = 'f' AND conrelid = ANY(?::regclass[]) "
-                                "ORDER BY 1, 2", (tables,))
+        # Foreign keys, and (fast) the unique email constraint: (table, name, definition).
+        constraints = db.query("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+                               "FROM pg_constraint WHERE conrelid = ANY(?::regclass[]) "
+                               "AND (contype = 'f' OR (? AND contype = 'u' AND conrelid = 'contact_emails'::regclass)) "
+                               "ORDER BY contype DESC, 1, 2", (tables, fast))
+        # The contact tables' other indexes (those on contact_id only when fast).
         indexes = [(name, sql) for name, sql in db.query(
-            "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
-            "WHERE indrelid = ANY(?::regclass[]) AND NOT indisunique ORDER BY 1", (tables,))
-            if not re.search(r"\(\s*contact_id\b", sql)]
-        for table, name, _ in foreign_keys:
+            "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+            "WHERE i.indrelid = ANY(?::regclass[]) AND NOT i.indisprimary "
+            "AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid) ORDER BY 1",
+            (list(cls.INDEXED),))
+            if fast or not re.search(r"\(\s*contact_id\b", sql)]
+        for table, name, _ in constraints:
             db.cur.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
         for name, _ in indexes:
             db.cur.execute(f"DROP INDEX {name}")
         db.exclusive.update(tables)
-        return cls(db, [sql for _, sql in indexes], foreign_keys)
+        return cls(db, [sql for _, sql in indexes], constraints)
 
     def restore(self) -> None:
         cur = self.db.cur
         cur.execute(f"SET LOCAL maintenance_work_mem = '{self.MAINTENANCE_MEMORY}'")
         for sql in self.indexes:
             cur.execute(sql)
-        for table, name, definition in self.foreign_keys:
+        for table, name, definition in self.constraints:  # the unique one first: foreign keys do not need it
             cur.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
 
 
@@ -1104,10 +1281,10 @@ class _Forked:
     receives the items in order. A bare fork (multiprocessing.Process would close the inherited stdin in
     the child), and the child leaves with os._exit, running none of this process's cleanup."""
 
-    def __init__(self, produce: Callable[[], Iterator], doing: str):
+    def __init__(self, produce: Callable[[], Iterator], doing: str, ahead: int = 2):
         import multiprocessing
 
-        self.doing = doing
+        self.doing, self.ahead = doing, ahead
         self.receiver, sender = multiprocessing.Pipe(duplex=False)
         self.pid = os.fork()
         if self.pid == 0:
@@ -1119,17 +1296,35 @@ class _Forked:
         sender.close()
 
     def receive(self) -> Any:
+        """The next item (None after the last one)."""
         try:
-            item = self.receiver.recv()
+            data = self.receiver.recv_bytes()
         except EOFError:
             raise OmniCrmError(f"the process {self.doing} ended unexpectedly") from None
+        item = pickle.loads(data) if data else None
         if isinstance(item, BaseException):
             raise item
         return item
 
     def __iter__(self) -> Iterator:
-        while (item := self.receive()) is not None:
+        """The items in order. A thread keeps reading the pipe (up to `ahead` items) while this one works,
+        so the child never waits for a slow step here, and this one rarely waits for the child."""
+        for data in _prefetched(self._received(), depth=self.ahead):
+            item = pickle.loads(data)
+            if isinstance(item, BaseException):
+                raise item
             yield item
+
+    def _received(self) -> Iterator[bytes]:
+        """The pickled items as they arrive, up to the empty message that ends them."""
+        while True:
+            try:
+                data = self.receiver.recv_bytes()
+            except EOFError:
+                raise OmniCrmError(f"the process {self.doing} ended unexpectedly") from None
+            if not data:
+                return
+            yield data
 
     def stop(self) -> None:
         import signal
@@ -1142,16 +1337,26 @@ class _Forked:
         os.waitpid(self.pid, 0)
 
 
+def _dumps(item: Any) -> bytes:
+    """Pickle without the memo (pickle's "fast" mode): what crosses the pipe is tuples of strings with no
+    shared references worth keeping, and the memo costs three quarters of the time."""
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, pickle.HIGHEST_PROTOCOL)
+    pickler.fast = True
+    pickler.dump(item)
+    return out.getvalue()
+
+
 def _send_all(sender, produce: Callable[[], Iterator], doing: str) -> None:
     try:
         for item in produce():
-            sender.send(item)
-        sender.send(None)
+            sender.send_bytes(_dumps(item))
+        sender.send_bytes(b"")  # the end
     except BrokenPipeError:
         pass
     except BaseException as exc:  # noqa: BLE001 - re-raised by the parent
         try:
-            sender.send(exc if isinstance(exc, OmniCrmError) else OmniCrmError(f"{doing}: {exc}"))
+            sender.send_bytes(_dumps(exc if isinstance(exc, OmniCrmError) else OmniCrmError(f"{doing}: {exc}")))
         except Exception:  # noqa: BLE001
             pass
     finally:
@@ -1347,31 +1552,34 @@ def _serial_plan(conn) -> None:
     conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
 
 
-def _prefetched(items: Iterator) -> Iterator:
-    """`items`, produced one step ahead by a reader thread."""
+def _prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """`items`, produced up to `depth` steps ahead by a reader thread."""
     import queue
     import threading
 
-    ahead: queue.Queue = queue.Queue(maxsize=2)
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer has gone
 
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        ahead.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over(item):
                     return
-            ahead.put(done)
+            hand_over(done)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            ahead.put(exc)
+            hand_over(exc)
 
-    reader = threading.Thread(target=produce, name="export-reader", daemon=True)
+    reader = threading.Thread(target=produce, name="prefetch", daemon=True)
     reader.start()
     try:
         while True:

@@ -65,8 +65,13 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
-        mode = "DEFERRED" if conn.get_execution_options().get("sqlite_read_only") else "IMMEDIATE"
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        options = conn.get_execution_options()
+        # A CSV import checks its own references (it only writes rows for contacts it created or loaded
+        # under the write lock) and asks for the per-row foreign key lookups to be skipped; the pragma
+        # only takes effect outside a transaction, so it is set here, before each BEGIN.
+        checks = "OFF" if options.get("sqlite_foreign_keys") is False else "ON"
+        conn.exec_driver_sql(f"PRAGMA foreign_keys = {checks}")
+        conn.exec_driver_sql(f"BEGIN {'DEFERRED' if options.get('sqlite_read_only') else 'IMMEDIATE'}")
 
 
 def get_engine(url: str) -> Engine:

@@ -202,7 +202,7 @@ def test_two_concurrent_imports_of_overlapping_files_create_no_duplicates(db_url
 
 def test_worker_killed_during_an_import_job_resumes_to_the_same_end_state(db_url, settings, omnicrm_home,
                                                                           tmp_path, cli):
-    rows = 15_000
+    rows = 60_000  # ~2 s of import: the kill below lands in the middle of it
     path = write_csv(tmp_path / "job.csv", 0, rows)
     queue = f"t_faults_{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "OMNICRM_HOME": str(omnicrm_home), "OMNICRM_DATABASE_URL": db_url,
