@@ -1100,11 +1100,11 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
             if not summary.dry_run and not summary.failed:  # otherwise the caller rolls back (the drop too)
                 if bulk:
                     bulk.restore()
-                if summary.created >= ANALYZE_MIN_ROWS:
+                if summary.created + len(importer.deferred) >= ANALYZE_MIN_ROWS:
                     # Fresh statistics with the rows (ANALYZE in the transaction counts them): without them
                     # the planner takes the tables for near-empty until autovacuum gets round to them, and
-                    # scans every contact (list, search, export; the lookups of the held-back rows below).
-                    # ~0.7 s for 1M rows.
+                    # scans every contact (list, search, export; the lookups of the held-back rows below,
+                    # which are counted in as they are mostly new contacts too). ~0.7 s for 1M rows.
                     db.cur.execute("ANALYZE contacts, contact_emails, contact_phones, contact_tags, tags, notes, "
                                    "interactions")
             importer.flush_deferred()
@@ -1422,23 +1422,33 @@ class RejectsWriter:
 
 # --- export ---------------------------------------------------------------------------------------
 
-def _aggregates(pg: bool, joiner: str) -> list[str]:
-    """SQL for the emails, phones, tags and notes columns of contact `c`, each joined in its order."""
-    sep = "chr(31)" if joiner == _SEP else "';'"
-    if pg:
-        return [f"string_agg(email, {sep} ORDER BY position) AS v FROM contact_emails",
-                f"string_agg(coalesce(e164, raw), {sep} ORDER BY position) AS v FROM contact_phones",
-                f"string_agg(t.name, {sep} ORDER BY t.name) AS v FROM contact_tags ct JOIN tags t ON t.id = ct.tag_id",
-                "string_agg(body, chr(10) ORDER BY id) AS v FROM notes"]
-    sep = sep.replace("chr", "char")
-    # SQLite: a correlated subquery per column, served by the (contact_id, position) indexes.
-    return [f"(SELECT group_concat(email, {sep}) FROM (SELECT email FROM contact_emails WHERE contact_id = c.id "
-            "ORDER BY position))",
-            f"(SELECT group_concat(p, {sep}) FROM (SELECT coalesce(e164, raw) AS p FROM contact_phones "
+def _sqlite_aggregates(joiner: str, guard: bool = False) -> list[str]:
+    """SQLite: the emails, phones, tags and notes columns of contact `c`, each joined in its order (with
+    `guard`, through the formula guard): a correlated subquery each, served by the (contact_id, position)
+    indexes. The guard goes inside, where the aggregate it repeats is computed once."""
+    sep = "char(31)" if joiner == _SEP else "';'"
+    cell = _sqlite_guard if guard else str
+    return [f"(SELECT {cell(f'group_concat(email, {sep})')} FROM (SELECT email FROM contact_emails "
             "WHERE contact_id = c.id ORDER BY position))",
-            f"(SELECT group_concat(name, {sep}) FROM (SELECT t.name FROM contact_tags ct JOIN tags t ON "
-            "t.id = ct.tag_id WHERE ct.contact_id = c.id ORDER BY t.name))",
-            "(SELECT group_concat(body, char(10)) FROM (SELECT body FROM notes WHERE contact_id = c.id ORDER BY id))"]
+            f"(SELECT {cell(f'group_concat(p, {sep})')} FROM (SELECT coalesce(e164, raw) AS p FROM contact_phones "
+            "WHERE contact_id = c.id ORDER BY position))",
+            f"(SELECT {cell(f'group_concat(name, {sep})')} FROM (SELECT t.name FROM contact_tags ct JOIN tags t "
+            "ON t.id = ct.tag_id WHERE ct.contact_id = c.id ORDER BY t.name))",
+            f"(SELECT {cell('group_concat(body, char(10))')} FROM (SELECT body FROM notes WHERE contact_id = c.id "
+            "ORDER BY id))"]
+
+
+def _sqlite_guard(cell: str) -> str:
+    """SQLite: the formula guard on `cell` (an expression cheap to repeat). Only a cell starting with one of
+    the characters to look at is handed to Python (omnicrm.output.neutralise, registered as
+    omnicrm_neutralise), unless it is plainly phone numbers: ;-separated digits, each part maybe starting
+    with a + followed by a digit (+14155550101;+442079460958), which is what most of them are."""
+    from omnicrm.output import GUARDED_FIRST
+
+    firsts = ", ".join(str(ord(ch)) for ch in GUARDED_FIRST)
+    phones = (f"{cell} NOT GLOB '*[^0-9;+]*' AND {cell} NOT GLOB '*[0-9+]+*' AND {cell} NOT GLOB '*+' "
+              f"AND {cell} NOT GLOB '*+;*'")
+    return f"CASE WHEN unicode({cell}) IN ({firsts}) AND NOT ({phones}) THEN omnicrm_neutralise({cell}) ELSE {cell} END"
 
 
 def _pg_aggregate_joins(c, user_id: int, joiner: str, filtered: bool, ranged: bool = False):
@@ -1449,20 +1459,35 @@ def _pg_aggregate_joins(c, user_id: int, joiner: str, filtered: bool, ranged: bo
     contacts' rows (LATERAL)."""
     from sqlalchemy import Integer, Text, text, true
 
+    sep = "chr(31)" if joiner == _SEP else "';'"
     joined, values = c, []
-    for name, agg in zip(("e", "p", "t", "n"), _aggregates(True, joiner)):
-        owner = "ct.contact_id" if name == "t" else "contact_id"
+    for name, (value, source, order, owner, user_col) in zip("eptn", _PG_CHILDREN):
+        joiner_sql = "chr(10)" if name == "n" else sep
         if filtered:
-            part = text(f"SELECT {agg} WHERE {owner} = c.id").columns(v=Text).lateral(name)
+            part = text(f"SELECT string_agg({value}, {joiner_sql} ORDER BY {order}) AS v FROM {source} "
+                        f"WHERE {owner} = c.id").columns(v=Text).lateral(name)
             joined = joined.outerjoin(part, true())
         else:
-            user_col = "t.user_id" if name == "t" else "user_id"
+            # One sort of the rows by contact and order, fed in that order to string_agg, which keeps it: an
+            # ORDER BY inside the aggregate would sort every contact's few rows again (PostgreSQL < 16 does),
+            # and cost a third of the export. (No parallel plan may shuffle them: _PG_EXPORT_SETTINGS.)
             within = f" AND {owner} BETWEEN :range_lo AND :range_hi" if ranged else ""
-            part = text(f"SELECT {owner} AS contact_id, {agg} WHERE {user_col} = :agg_user{within} GROUP BY {owner}"
-                        ).bindparams(agg_user=user_id).columns(contact_id=Integer, v=Text).subquery(name)
+            part = text(f"SELECT contact_id, string_agg(v, {joiner_sql}) AS v FROM (SELECT {owner} AS contact_id, "
+                        f"{value} AS v FROM {source} WHERE {user_col} = :agg_user{within} ORDER BY {owner}, {order}) "
+                        "s GROUP BY contact_id").bindparams(agg_user=user_id).columns(
+                contact_id=Integer, v=Text).subquery(name)
             joined = joined.outerjoin(part, part.c.contact_id == c.c.id)
         values.append(part.c.v)
     return joined, values
+
+
+# PostgreSQL: each multi-value column as (value, FROM, order within a contact, contact column, user column)
+_PG_CHILDREN = (
+    ("email", "contact_emails", "position", "contact_id", "user_id"),
+    ("coalesce(e164, raw)", "contact_phones", "position", "contact_id", "user_id"),
+    ("t.name", "contact_tags ct JOIN tags t ON t.id = ct.tag_id", "t.name", "ct.contact_id", "t.user_id"),
+    ("body", "notes", "id", "contact_id", "user_id"),
+)
 
 
 def _iso_sql(column: str, pg: bool) -> str:
@@ -1471,8 +1496,7 @@ def _iso_sql(column: str, pg: bool) -> str:
         return (f"to_char({column}, 'YYYY-MM-DD\"T\"HH24:MI:SS') || CASE WHEN date_trunc('second', {column}) = "
                 f"{column} THEN '' ELSE to_char({column}, '.US') END || '+00:00'")
     # SQLite stores 'YYYY-MM-DD HH:MM:SS.ffffff'
-    return (f"substr({column}, 1, 10) || 'T' || CASE WHEN substr({column}, 20) = '.000000' "
-            f"THEN substr({column}, 12, 8) ELSE substr({column}, 12) END || '+00:00'")
+    return f"replace(replace({column}, ' ', 'T'), '.000000', '') || '+00:00'"
 
 
 def _export_select(user_id: int, flt: ContactFilter, now: datetime, pg: bool, joiner: str, columns: list[str],
@@ -1480,9 +1504,10 @@ def _export_select(user_id: int, flt: ContactFilter, now: datetime, pg: bool, jo
     """One SELECT giving every matching contact in `columns` (native export columns), oldest id first;
     with `ranged`, those with ids between the parameters :range_lo and :range_hi.
 
-    With `guard` (the PostgreSQL CSV), text cells a spreadsheet would run as a formula get their leading
-    `'` in SQL, by the same two regular expressions as `omnicrm.output.neutralise`, and empty text is NULL
-    (COPY would quote an empty string; the CSV writer writes both as an empty cell)."""
+    With `guard`, text cells a spreadsheet would run as a formula get their leading `'` in SQL: on
+    PostgreSQL by the same two regular expressions as `omnicrm.output.neutralise`, with empty text as NULL
+    (COPY would quote an empty string; the CSV writer writes both as an empty cell); on SQLite by
+    neutralise itself, for the few cells that need a look (_sqlite_guard)."""
     from sqlalchemy import and_, case, func, literal, literal_column
 
     from omnicrm.output import FORMULA_START_PATTERN, GUARDED_FIRST, PLAIN_CELL_PATTERN
@@ -1491,7 +1516,7 @@ def _export_select(user_id: int, flt: ContactFilter, now: datetime, pg: bool, jo
     if pg:
         source, (emails, phones, tags, notes) = _pg_aggregate_joins(c, user_id, joiner, not flt.empty, ranged)
     else:
-        source, (emails, phones, tags, notes) = c, map(literal_column, _aggregates(False, joiner))
+        source, (emails, phones, tags, notes) = c, map(literal_column, _sqlite_aggregates(joiner, guard))
     sql = {"id": c.c.id, "display_name": c.c.display_name, "email": emails, "phone": phones,
            "company": c.c.company, "title": c.c.title, "tags": tags, "notes": notes,
            "created_at": literal_column(_iso_sql("c.created_at", pg)),
@@ -1499,7 +1524,9 @@ def _export_select(user_id: int, flt: ContactFilter, now: datetime, pg: bool, jo
     selected = []
     for name in columns:
         expr = sql[name]
-        if guard and name not in formats.TIMESTAMP_COLUMNS:
+        if guard and not pg and name in ("display_name", "company", "title"):
+            expr = literal_column(_sqlite_guard(f"c.{name}"))
+        elif guard and pg and name not in formats.TIMESTAMP_COLUMNS:
             bare = func.ltrim(expr, "'")
             first = func.ascii(expr).in_([literal_column(str(ord(ch))) for ch in GUARDED_FIRST])  # cheap, first
             formula = and_(first, bare.op("~")(FORMULA_START_PATTERN), bare.op("!~")(PLAIN_CELL_PATTERN))
@@ -1546,10 +1573,19 @@ def iter_export_batches(session: Session, user_id: int, flt: ContactFilter, *, n
         _sqlite_pragmas(cur, **previous)
 
 
+_PG_EXPORT_SETTINGS = (
+    # No parallel plan: each worker would aggregate every child table for the user again (three times the
+    # work on two cores).
+    "SET LOCAL max_parallel_workers_per_gather = 0",
+    # The sorts by contact of a range's emails, phones and tags (a few MB) in memory, not in temporary files.
+    "SET LOCAL work_mem = '64MB'",
+)
+
+
 def _serial_plan(conn) -> None:
-    """PostgreSQL: no parallel plan for the export query; each worker would aggregate every child table
-    for the user again (three times the work on two cores)."""
-    conn.exec_driver_sql("SET LOCAL max_parallel_workers_per_gather = 0")
+    """PostgreSQL: the export query's settings (_PG_EXPORT_SETTINGS), for this transaction."""
+    for setting in _PG_EXPORT_SETTINGS:
+        conn.exec_driver_sql(setting)
 
 
 def _prefetched(items: Iterator, depth: int = 2) -> Iterator:
@@ -1614,10 +1650,10 @@ def _copy_csv(session: Session, user_id: int, flt: ContactFilter, now: datetime,
         for data in copy:
             pending.append(data)
             size += len(data)
-            if size >= 1 << 16:  # each message is one whole row, so a joined group decodes cleanly
-                stream.write(b"".join(pending).decode())
+            if size >= 1 << 16:
+                _write_utf8(stream, b"".join(pending))
                 pending, size = [], 0
-    stream.write(b"".join(pending).decode())
+    _write_utf8(stream, b"".join(pending))
     return cur.rowcount
 
 
@@ -1649,7 +1685,8 @@ def _pg_parallel_copy(session: Session, user_id: int, now: datetime, columns: li
             worker = driver.cursor()
             worker.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             worker.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-            worker.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+            for setting in _PG_EXPORT_SETTINGS:
+                worker.execute(setting)
             for start in mine:
                 params = compiled.construct_params({"range_lo": start, "range_hi": start + span - 1})
                 pending: list = []
@@ -1674,7 +1711,7 @@ def _pg_parallel_copy(session: Session, user_id: int, now: datetime, columns: li
             last = False
             while not last:  # the pieces of range i, from the reader of every other range
                 n, data, last = next(readers[i % EXPORT_PROCESSES])
-                _write_in_pieces(stream, data.decode())
+                _write_utf8(stream, data)
                 count += n
         return count
     finally:
@@ -1682,11 +1719,18 @@ def _pg_parallel_copy(session: Session, user_id: int, now: datetime, columns: li
             reader.close()
 
 
-def _write_in_pieces(stream: IO[str], data: str, piece: int = 1 << 16) -> None:
-    """Write `data` at most a pipe's capacity at a time: a write much larger than that into a pipe whose
-    reader has gone (`| head`) can end without an error, and the export would carry on for nothing."""
+def _write_utf8(stream: IO[str], data: bytes, piece: int = 1 << 16) -> None:
+    """Write UTF-8 text `data` to `stream`: to its byte buffer when it has one and writes UTF-8 (after what
+    was written to it as text), else decoded; at most a pipe's capacity at a time (a write much larger than
+    that into a pipe whose reader has gone, `| head`, can end without an error, and the export would carry
+    on for nothing)."""
+    target = getattr(stream, "buffer", None)
+    if target is None or codecs.lookup(getattr(stream, "encoding", None) or "ascii").name != "utf-8":
+        stream.write(data.decode())
+        return
+    stream.flush()
     for start in range(0, len(data), piece):
-        stream.write(data[start:start + piece])
+        target.write(data[start:start + piece])
 
 
 def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns: list[str], stream: IO[str], *,
@@ -1715,7 +1759,7 @@ def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns:
     try:
         lo, hi = guard.execute("SELECT min(id), max(id) FROM contacts WHERE user_id = ?", (user_id,)).fetchone()
         starts = list(range(lo, hi + 1, span)) if lo is not None else []
-        compiled = _export_select(user_id, ContactFilter(), now, False, ";", columns, ranged=True).compile(
+        compiled = _export_select(user_id, ContactFilter(), now, False, ";", columns, guard=True, ranged=True).compile(
             dialect=session.get_bind().dialect)
         sql, names = str(compiled), compiled.positiontup
         for k in range(min(EXPORT_PROCESSES, len(starts))):
@@ -1728,8 +1772,8 @@ def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns:
         stream.write(",".join(columns) + "\n")
         count = 0
         for i in range(len(starts)):
-            n, text_part = readers[i % len(readers)].receive()
-            _write_in_pieces(stream, text_part)
+            n, data = readers[i % len(readers)].receive()
+            _write_utf8(stream, data)
             count += n
         return count
     finally:
@@ -1739,13 +1783,14 @@ def _sqlite_parallel_csv(session: Session, user_id: int, now: datetime, columns:
 
 
 def _export_ranges(path: str, sql: str, names, user_id: int, starts: list[int], span: int) -> Iterator:
-    """In an export reader process: "ready" once its read transaction has begun, then (count, CSV text)
-    for each of its id ranges."""
+    """In an export reader process: "ready" once its read transaction has begun, then (count, UTF-8 CSV)
+    for each of its id ranges (the query applies the formula guard: the rows are written as they come)."""
     import sqlite3
 
-    from omnicrm.output import write_rows
+    from omnicrm.output import csv_text, neutralise
 
     conn = sqlite3.connect(path, isolation_level=None)
+    conn.create_function("omnicrm_neutralise", 1, neutralise, deterministic=True)
     conn.execute("PRAGMA mmap_size = 0")  # mapped pages would count as resident memory
     conn.execute("BEGIN")
     conn.execute("SELECT 1 FROM contacts LIMIT 1").fetchall()  # the read transaction (snapshot) starts here
@@ -1753,8 +1798,7 @@ def _export_ranges(path: str, sql: str, names, user_id: int, starts: list[int], 
     for start in starts:
         values = {"export_user": user_id, "range_lo": start, "range_hi": start + span - 1}
         rows = conn.execute(sql, [values[name] for name in names]).fetchall()
-        out = io.StringIO()
-        yield write_rows(None, [rows], out), out.getvalue()
+        yield len(rows), csv_text(rows).encode()
 
 
 def export_contacts(session: Session, user_id: int, flt: ContactFilter, fmt: str, stream: IO[str], *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import sys
@@ -136,6 +137,16 @@ def write_rows(header: list[str] | None, batches: Iterable[list[list]], stream: 
             writer.writerows(rows)
         count += len(rows)
     return count
+
+
+def csv_text(rows: list) -> str:
+    """CSV lines of rows whose cells are final (the formula guard applied already), as write_rows writes them."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    text = out.getvalue()
+    if "\r" in text:  # rare: a cell may hold a bare CR, which csv does not quote (see _csv_line)
+        text = "".join(map(_csv_line, rows))
+    return text
 
 
 def _csv_line(row) -> str:
