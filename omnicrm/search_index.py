@@ -6,12 +6,7 @@ substring matching on both engines:
 - SQLite: an FTS5 table `contacts_fts` with the trigram tokenizer, external content on `contacts`,
   kept in step by triggers on `contacts`. Every write path (ORM, Core bulk inserts, sync, merge,
   delete) goes through those triggers, so nothing in Python has to remember to update it.
-  It stores which rows hold each trigram and nothing else (`detail=none, columnsize=0`: a third of
-  the size and half the build time of positional lists); a `GLOB '*term*'` query takes the rows
-  holding all of the term's trigrams and SQLite checks the pattern on each of them.
-  Trigrams need three characters: shorter terms use a plain LIKE scan, and so do terms holding one of
-  GLOB's own characters `*?[` (escaping them takes a bracket expression, on which SQLite 3.40's FTS5
-  crashes for an index without positions).
+  Trigrams need three characters: shorter terms use a plain LIKE scan.
 - PostgreSQL: `pg_trgm` and a GIN `gin_trgm_ops` index on `contacts.search_text`; the planner uses
   it for `search_text LIKE '%term%'` on its own.
 
@@ -39,8 +34,7 @@ _DIALECT_FLAG = "omnicrm_fts5"
 
 _SQLITE_DDL = [
     f"""CREATE VIRTUAL TABLE IF NOT EXISTS {FTS_TABLE} USING fts5(
-        search_text, content='contacts', content_rowid='id', tokenize='trigram case_sensitive 1',
-        detail=none, columnsize=0)""",
+        search_text, content='contacts', content_rowid='id', tokenize='trigram case_sensitive 1')""",
     # External content: the index is told the old text on delete/update (triggers see it as `old`).
     f"""CREATE TRIGGER IF NOT EXISTS {FTS_TABLE}_ai AFTER INSERT ON contacts BEGIN
         INSERT INTO {FTS_TABLE}(rowid, search_text) VALUES (new.id, new.search_text);
@@ -111,12 +105,6 @@ def _create_postgresql(conn: Connection) -> bool:
     return True
 
 
-def recreate_index(conn: Connection) -> bool:
-    """Drop the search index and build it again in the current format (a schema migration)."""
-    drop_index(conn)
-    return create_index(conn)
-
-
 def drop_index(conn: Connection) -> None:
     """Remove the search index (used to measure the scan baseline and to test the fallback)."""
     if conn.dialect.name == "sqlite":
@@ -158,6 +146,11 @@ def use_index(engine: Engine, enabled: bool) -> None:
 
 # --- query side -----------------------------------------------------------------------------------
 
+def fts_phrase(term: str) -> str:
+    """`term` as one FTS5 phrase: quoted, inner quotes doubled, so no input can act as an operator."""
+    return '"' + term.replace('"', '""') + '"'
+
+
 def like_pattern(term: str) -> str:
     escaped = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
@@ -167,8 +160,8 @@ class SearchMatch(ColumnElement[bool]):
     """`contacts.search_text` contains `term`, compiled per engine.
 
     PostgreSQL and the fallback: `search_text LIKE '%term%'` (the trigram GIN index serves it).
-    SQLite with the FTS5 index and a term of 3+ characters without `*?[`: `contacts.id IN (SELECT rowid
-    FROM contacts_fts WHERE search_text GLOB '*term*')`.
+    SQLite with the FTS5 index and a term of 3+ characters: `contacts.id IN (SELECT rowid FROM
+    contacts_fts WHERE search_text MATCH '"term"')`.
     """
 
     type = Boolean()
@@ -209,8 +202,9 @@ def search_match(term: str, many: bool = False) -> SearchMatch:
 
     like = Contact.search_text.like(like_pattern(term), escape="\\")
     fts = None
-    if len(term) >= MIN_INDEXED_CHARS and not any(ch in term for ch in "*?["):
-        matches = select(_fts.c.rowid).where(_fts.c.search_text.op("GLOB")(f"*{term}*"))
+    if len(term) >= MIN_INDEXED_CHARS:
+        matches = select(_fts.c.rowid).where(
+            _fts.c.search_text.op("MATCH")(fts_phrase(term)))
         fts = not_driving(Contact.id, many).in_(matches)
     return SearchMatch(like, fts)
 

@@ -270,9 +270,8 @@ def test_rows_held_back_as_possible_duplicates_keep_the_file_order(session):
 
 
 def test_import_leaves_the_search_index_consistent(session):
-    """SQLite: the import indexes its contacts itself with a larger FTS5 buffer; the triggers and the buffer
-    size are back afterwards and the index matches the table (FTS5 integrity-check). Both engines: later
-    contacts are indexed as usual."""
+    """SQLite: the import pauses the FTS trigger and enlarges FTS5's buffer; both are back afterwards and the
+    index matches the table (FTS5 integrity-check). Both engines: later contacts are indexed as usual."""
     uid = user_id(session, "default")
     add_contact(session, uid, name="Earlier Person", emails=["earlier@example.com"], region="US")
     session.commit()
@@ -292,7 +291,7 @@ def test_import_leaves_the_search_index_consistent(session):
         assert index_present(conn)
         conn.exec_driver_sql(f"INSERT INTO {FTS_TABLE}({FTS_TABLE}, rank) VALUES ('integrity-check', 1)")
         stored = conn.exec_driver_sql(f"SELECT v FROM {FTS_TABLE}_config WHERE k = 'hashsize'").all()
-        assert stored in ([], [(csvio._FtsCatchUp.DEFAULT_HASHSIZE,)])
+        assert stored in ([], [(csvio._FtsPause.DEFAULT_HASHSIZE,)])
     from omnicrm.contacts import list_contacts
     from omnicrm.filters import ContactFilter
 
@@ -360,11 +359,10 @@ def test_big_postgresql_import_refreshes_statistics(session):
     assert estimate >= csvio.ANALYZE_MIN_ROWS * 0.9
 
 
-def test_sqlite_import_indexes_its_contacts_in_chunks(session):
-    """SQLite: the import drops the search index's triggers and indexes its own contacts a chunk at a time
-    (20 batches: here 40 contacts); rows merging into contacts already indexed get them indexed again.
-    Afterwards the schema is exactly as before, FTS5's integrity-check (against the table) passes and
-    searches find the merged values."""
+def test_sqlite_import_puts_the_search_triggers_back(session):
+    """SQLite: the import drops the search index's triggers and indexes its own contacts at the end, with
+    their final text (rows held back as duplicates merge into them first). Afterwards the schema is exactly
+    as before, FTS5's integrity-check (against the table) passes and searches find the merged values."""
     conn = session.connection()
     if conn.dialect.name != "sqlite":
         pytest.skip("SQLite search index")
@@ -373,7 +371,7 @@ def test_sqlite_import_indexes_its_contacts_in_chunks(session):
     uid = user_id(session, "default")
     session.commit()
     rows = "".join(f"P{i},p{i}@example.com,(415) 555-{i:04d}\n" for i in range(60))
-    # Merges into a contact of the first chunk (twice) and into one not indexed yet when the rows come.
+    # Merges into contacts of earlier batches (one of them twice).
     rows += ("P3,p3@example.com;p3b@example.com,\nP3,p3@example.com;p3c@example.com,\n"
              "P41,p41@example.com,(212) 555-0199\n")
     summary = csvio.import_contacts(session, uid, opened("name,email,phone\n" + rows),
