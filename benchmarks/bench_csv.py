@@ -1,10 +1,10 @@
-"""CSV benchmark: import and export of N synthetic contacts (default 300,000; --quick 20,000) on SQLite and
+"""CSV benchmark: import and export of N synthetic contacts (default 1,000,000; --quick 20,000) on SQLite and
 PostgreSQL, each step a real `omnicrm` process (wall time, rows/s, peak RSS of that process), next to the raw
 engine floor measured in the same run (`sqlite3 .import` / `psql \\copy` of the same file into one
 text table, and back out).
 
-    .venv/bin/python benchmarks/bench_csv.py [--quick] [--rows N]   (default N: 300,000 or $OMNICRM_BENCH_CSV_ROWS;
-                                                                     --rows 1000000 for the issue's full size)
+    .venv/bin/python benchmarks/bench_csv.py [--quick] [--rows N]   (default N: 1,000,000, the issue's size, or
+                                                                     $OMNICRM_BENCH_CSV_ROWS)
 
 PostgreSQL uses OMNICRM_BENCH_PG_URL or OMNICRM_TEST_PG_URL (a scratch database is created and dropped).
 Writes benchmarks/results/csv.json.
@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "csv.json"
 TARGETS = {"import_s": 30.0, "import_rss_mb": 300.0, "export_s": 8.0, "export_rss_mb": 150.0}
 OMNICRM = [sys.executable, "-m", "omnicrm"]
-# The full 1,000,000 rows take ~5-6 min on a shared 2-core machine (PostgreSQL's import alone ~2-3 min);
-# `make bench` has 15 min for everything, so the default is smaller and the figures say what they scale to.
-DEFAULT_ROWS = int(os.environ.get("OMNICRM_BENCH_CSV_ROWS", "300000"))
+# The full 1,000,000 rows take ~3 min on a 2-core machine (imports ~1 min each at most), inside the 15 min
+# of `make bench`.
+DEFAULT_ROWS = int(os.environ.get("OMNICRM_BENCH_CSV_ROWS", "1000000"))
 
 
 CPU: dict[str, float] = {}
