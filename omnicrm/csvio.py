@@ -529,8 +529,8 @@ class _Db:
         # SQLite checks no foreign keys for an import that begins the transaction: the rows it writes only
         # point at the user, at tags it looked up or made, and at contacts it made or loaded, all under
         # the write lock (see db._configure_sqlite).
-        fresh = not session.in_transaction()
-        self.conn = session.connection(execution_options={"sqlite_foreign_keys": False} if fresh else None)
+        begins = not session.in_transaction()
+        self.conn = session.connection(execution_options={"sqlite_foreign_keys": False} if begins else None)
         self.raw = self.conn.connection.driver_connection
         self.pg = self.conn.dialect.name == "postgresql"
         self.cur = self.raw.cursor()
@@ -1248,8 +1248,8 @@ class _PgBulkLoad:
 # --- forked reader processes (the import's parser, the SQLite export's readers) ----------------------
 
 class _Forked:
-    """A forked child process that sends what `produce()` yields through a pipe, then None; this process
-    receives the items in order. A bare fork (multiprocessing.Process would close the inherited stdin in
+    """A forked child process that sends what `produce()` yields through a pipe (pickled, then an empty
+    message at the end); this process receives the items in order. A bare fork (multiprocessing.Process would close the inherited stdin in
     the child), and the child leaves with os._exit, running none of this process's cleanup."""
 
     def __init__(self, produce: Callable[[], Iterator], doing: str, ahead: int = 2):
