@@ -24,7 +24,6 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple
@@ -37,7 +36,7 @@ from omnicrm.config import now as clock_now
 from omnicrm.errors import InvalidInput, OmniCrmError
 from omnicrm.filters import ContactFilter, apply_filter, normalise_tag
 from omnicrm.models import Contact
-from omnicrm.normalize import fold, is_valid_email, phone_search_parts, to_e164
+from omnicrm.normalize import is_valid_email, search_text, to_e164
 
 EXPORT_COLUMNS = list(formats.NATIVE_COLUMNS)
 EXPORT_BATCH = 5000
@@ -88,28 +87,6 @@ def phone_e164(raw: str, region: str) -> str | None:
               and number[1:].isdigit()):
             return number
     return to_e164(raw, region)
-
-
-def fold_fast(text: str | None) -> str:
-    """`normalize.fold`, skipping Unicode decomposition for plain ASCII (and remembering recent
-    non-ASCII names and companies: they repeat a lot in real files)."""
-    if not text:
-        return ""
-    if text.isascii():
-        return text.lower()
-    return _fold_cached(text)
-
-
-_fold_cached = lru_cache(maxsize=16384)(fold)
-
-
-def _search_text(name, company, emails, phones) -> str:
-    """`normalize.search_text`, faster."""
-    parts = [p for p in (fold_fast(name), fold_fast(company)) if p]
-    parts += emails
-    if phones:
-        parts += phone_search_parts(phones)
-    return "\n".join(parts)
 
 
 # --- reading the input ----------------------------------------------------------------------------
@@ -814,7 +791,7 @@ class Importer:
             self._pending_rejects.append((line, cells if self.keep_cells else [], errors))
             return None
         name, company, title, notes = data.display_name, data.company, data.title, data.notes
-        search = _search_text(name, company, emails, phones)
+        search = search_text(name, company, emails, phones)
         if self.fresh is not None and not self.seen.add(emails):  # certainly a new contact
             ts, now_ts = self.db.ts, self.now_ts
             created_ts = ts(created) if created else now_ts
@@ -956,7 +933,7 @@ class Importer:
         contacts, updates, emails, phones, tag_rows = [], [], [], [], []
         tag_ids = self._tag_ids({tag for t in touched for tag in t.tags[t.n_tags:]})
         for t in touched:
-            text = t.search if t.search is not None else _search_text(t.name, t.company, t.emails, t.phones)
+            text = t.search if t.search is not None else search_text(t.name, t.company, t.emails, t.phones)
             manual = ",".join(f for f in _MANUAL_FIELDS if f in t.manual)
             last = ts(t.last_at) if t.last_at is not None else None
             if t.new:  # its notes' interactions counted at once (the relationship score's counter, score.py)
@@ -1249,8 +1226,9 @@ class _PgBulkLoad:
 
 class _Forked:
     """A forked child process that sends what `produce()` yields through a pipe (pickled, then an empty
-    message at the end); this process receives the items in order. A bare fork (multiprocessing.Process would close the inherited stdin in
-    the child), and the child leaves with os._exit, running none of this process's cleanup."""
+    message at the end); this process receives the items in order. A bare fork (multiprocessing.Process
+    would close the inherited stdin in the child), and the child leaves with os._exit, running none of this
+    process's cleanup."""
 
     def __init__(self, produce: Callable[[], Iterator], doing: str, ahead: int = 2):
         import multiprocessing
@@ -1268,34 +1246,21 @@ class _Forked:
 
     def receive(self) -> Any:
         """The next item (None after the last one)."""
-        try:
-            data = self.receiver.recv_bytes()
-        except EOFError:
-            raise OmniCrmError(f"the process {self.doing} ended unexpectedly") from None
-        item = pickle.loads(data) if data else None
-        if isinstance(item, BaseException):
-            raise item
-        return item
+        data = self._next_message()
+        return _unpickled(data) if data else None
 
     def __iter__(self) -> Iterator:
         """The items in order. A thread keeps reading the pipe (up to `ahead` items) while this one works,
         so the child never waits for a slow step here, and this one rarely waits for the child."""
-        for data in _prefetched(self._received(), depth=self.ahead):
-            item = pickle.loads(data)
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        for data in _prefetched(iter(self._next_message, b""), depth=self.ahead):
+            yield _unpickled(data)
 
-    def _received(self) -> Iterator[bytes]:
-        """The pickled items as they arrive, up to the empty message that ends them."""
-        while True:
-            try:
-                data = self.receiver.recv_bytes()
-            except EOFError:
-                raise OmniCrmError(f"the process {self.doing} ended unexpectedly") from None
-            if not data:
-                return
-            yield data
+    def _next_message(self) -> bytes:
+        """The next pickled item as it arrives (empty: the end)."""
+        try:
+            return self.receiver.recv_bytes()
+        except EOFError:
+            raise OmniCrmError(f"the process {self.doing} ended unexpectedly") from None
 
     def stop(self) -> None:
         import signal
@@ -1306,6 +1271,14 @@ class _Forked:
         except ProcessLookupError:
             pass
         os.waitpid(self.pid, 0)
+
+
+def _unpickled(data: bytes) -> Any:
+    """An item sent by `_send_all`; an exception the child met is raised here."""
+    item = pickle.loads(data)
+    if isinstance(item, BaseException):
+        raise item
+    return item
 
 
 def _dumps(item: Any) -> bytes:

@@ -17,8 +17,20 @@ def fold(text: str | None) -> str:
     """Case-fold and strip accents: 'Zoë' → 'zoe'."""
     if not text:
         return ""
+    if text.isascii():  # the common case: nothing to decompose, and lower() is casefold() for ASCII
+        return text.lower()
+    return _fold_short(text) if len(text) <= _FOLD_CACHED_LEN else _fold_unicode(text)
+
+
+def _fold_unicode(text: str) -> str:
     decomposed = unicodedata.normalize("NFKD", text)
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+# Names and companies repeat a lot in real files (a big import folds a million of them); longer texts
+# are not remembered.
+_FOLD_CACHED_LEN = 100
+_fold_short = lru_cache(maxsize=16384)(_fold_unicode)
 
 
 def clean_text(value: str | None) -> str | None:
@@ -77,8 +89,11 @@ def to_e164(raw: str, region: str = "US") -> str | None:
 
 def search_text(name: str | None, company: str | None, emails: list[str], phones: list[tuple[str, str | None]]) -> str:
     """The folded text every substring search runs against: name, company, emails, phone digits."""
-    parts = [fold(name), fold(company), *emails, *phone_search_parts(phones)]
-    return "\n".join(p for p in parts if p)
+    parts = [p for p in (fold(name), fold(company)) if p]
+    parts += emails
+    if phones:
+        parts += phone_search_parts(phones)
+    return "\n".join(parts)
 
 
 def phone_search_parts(phones: list[tuple[str, str | None]]) -> list[str]:
