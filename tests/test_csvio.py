@@ -11,6 +11,8 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from sqlalchemy import func, select
 
 from omnicrm import csvio
+from omnicrm.config import now as clock_now
+from omnicrm.csvio import bulk, exporting, importing, reading
 from omnicrm.contacts import add_contact
 from omnicrm.db import user_id
 from omnicrm.errors import InvalidInput
@@ -292,7 +294,7 @@ def test_import_leaves_the_search_index_consistent(session):
         assert index_present(conn)
         conn.exec_driver_sql(f"INSERT INTO {FTS_TABLE}({FTS_TABLE}, rank) VALUES ('integrity-check', 1)")
         stored = conn.exec_driver_sql(f"SELECT v FROM {FTS_TABLE}_config WHERE k = 'hashsize'").all()
-        assert stored in ([], [(csvio._FtsPause.DEFAULT_HASHSIZE,)])
+        assert stored in ([], [(bulk.FtsPause.DEFAULT_HASHSIZE,)])
     from omnicrm.contacts import list_contacts
     from omnicrm.filters import ContactFilter
 
@@ -321,7 +323,7 @@ def test_postgresql_bulk_load_puts_indexes_and_foreign_keys_back(session):
 
     def big(text: str) -> csvio.CsvInput:
         source = opened(text)
-        source.total_bytes = 10 * csvio._PgBulkLoad.MIN_ROWS * csvio.BYTES_PER_ROW  # "a big file"
+        source.total_bytes = 10 * bulk.PgBulkLoad.MIN_ROWS * reading.BYTES_PER_ROW  # "a big file"
         return source
 
     rows = "".join(f"P{i},p{i}@example.com,(415) 555-{i:04d},t{i % 4}\n" for i in range(40))
@@ -351,13 +353,13 @@ def test_big_postgresql_import_refreshes_statistics(session):
     if conn.dialect.name != "postgresql":
         pytest.skip("PostgreSQL statistics")
     uid = user_id(session, "default")
-    rows = "".join(f"P{i},p{i}@example.com\n" for i in range(csvio.ANALYZE_MIN_ROWS))
+    rows = "".join(f"P{i},p{i}@example.com\n" for i in range(importing.ANALYZE_MIN_ROWS))
     summary = csvio.import_contacts(session, uid, opened("name,email\n" + rows), csvio.ImportOptions())
     session.commit()
-    assert summary.created == csvio.ANALYZE_MIN_ROWS
+    assert summary.created == importing.ANALYZE_MIN_ROWS
     estimate = session.connection().exec_driver_sql(
         "SELECT reltuples FROM pg_class WHERE oid = 'contacts'::regclass").scalar()
-    assert estimate >= csvio.ANALYZE_MIN_ROWS * 0.9
+    assert estimate >= importing.ANALYZE_MIN_ROWS * 0.9
 
 
 def test_sqlite_import_puts_the_search_triggers_back(session):
@@ -409,13 +411,13 @@ def test_sqlite_export_in_reader_processes_equals_one_process(session):
     write_rows(csvio.EXPORT_COLUMNS, csvio.iter_export_batches(session, uid, ContactFilter(), joiner=";"), one)
     session.commit()
     parallel = io.StringIO()
-    assert csvio._sqlite_parallel_csv(session, uid, csvio.clock_now(), csvio.EXPORT_COLUMNS, parallel, span=4) == 26
+    assert exporting._sqlite_parallel_csv(session, uid, clock_now(), csvio.EXPORT_COLUMNS, parallel, span=4) == 26
     assert parallel.getvalue() == one.getvalue() and "'=P1," in one.getvalue()
     session.commit()
     writer = sqlite3.connect(session.get_bind().url.database, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")
     try:
-        assert csvio._sqlite_parallel_csv(session, uid, csvio.clock_now(), csvio.EXPORT_COLUMNS, io.StringIO()) is None
+        assert exporting._sqlite_parallel_csv(session, uid, clock_now(), csvio.EXPORT_COLUMNS, io.StringIO()) is None
         fallback = io.StringIO()
         csvio.export_contacts(session, uid, ContactFilter(), "csv", fallback)
         assert fallback.getvalue() == one.getvalue()
@@ -439,10 +441,10 @@ def test_postgresql_export_over_several_connections_equals_one_copy(session):
     csvio.export_contacts(session, uid, ContactFilter(search="example.com"), "csv", one)  # filtered: one COPY
     session.commit()
     parallel = io.StringIO()
-    assert csvio._pg_parallel_copy(session, uid, csvio.clock_now(), csvio.EXPORT_COLUMNS, parallel, span=5) == 47
+    assert exporting._pg_parallel_copy(session, uid, clock_now(), csvio.EXPORT_COLUMNS, parallel, span=5) == 47
     assert parallel.getvalue() == one.getvalue() and "'=P1," in one.getvalue()
     session.commit()
-    assert csvio._pg_parallel_copy(session, uid, csvio.clock_now(), csvio.EXPORT_COLUMNS, io.StringIO(),
+    assert exporting._pg_parallel_copy(session, uid, clock_now(), csvio.EXPORT_COLUMNS, io.StringIO(),
                                    span=100) is None  # one range: a single COPY does it
 
 

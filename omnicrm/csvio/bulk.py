@@ -1,0 +1,200 @@
+"""Bulk writing at the driver level inside the caller's transaction: SQLite `executemany`, PostgreSQL
+`COPY`, and each engine's way to load many rows at once (the SQLite search index built at the end; the
+PostgreSQL indexes and foreign keys dropped and made again)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+from sqlalchemy.orm import Session
+
+from omnicrm.csvio.reading import BYTES_PER_ROW, CsvInput
+
+
+class BulkDb:
+    """Driver-level bulk access inside the session's transaction (SQLite executemany / PostgreSQL COPY)."""
+
+    def __init__(self, session: Session):
+        # SQLite checks no foreign keys for an import that begins the transaction: the rows it writes only
+        # point at the user, at tags it looked up or made, and at contacts it made or loaded, all under
+        # the write lock (see db._configure_sqlite).
+        begins = not session.in_transaction()
+        self.conn = session.connection(execution_options={"sqlite_foreign_keys": False} if begins else None)
+        self.raw = self.conn.connection.driver_connection
+        self.pg = self.conn.dialect.name == "postgresql"
+        self.cur = self.raw.cursor()
+        self.mark = "%s" if self.pg else "?"
+        self._next: dict[str, int] = {}
+        self.exclusive: set[str] = set()  # PostgreSQL tables this transaction holds an exclusive lock on
+
+    def ts(self, value: datetime):
+        naive = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return naive if self.pg else naive.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+    def query(self, sql: str, params=()) -> list[tuple]:
+        self.cur.execute(sql.replace("?", self.mark), params)
+        return self.cur.fetchall()
+
+    def select_in(self, sql: str, head: tuple, values: list) -> list[tuple]:
+        """`sql` has one `IN_LIST` placeholder for `values`, after the `head` parameters.
+
+        (`+user_id` in these queries keeps SQLite off the (user_id, …) indexes, which would scan every
+        row of the user instead of looking up the few contact ids.)"""
+        if not values:
+            return []
+        if self.pg:
+            return self.query(sql.replace("IN_LIST", "= ANY(?)"), (*head, list(values)))
+        rows: list[tuple] = []
+        for start in range(0, len(values), 5000):
+            chunk = values[start:start + 5000]
+            rows += self.query(sql.replace("IN_LIST", f"IN ({','.join('?' * len(chunk))})"), (*head, *chunk))
+        return rows
+
+    def insert(self, table: str, columns: tuple[str, ...], rows: list[tuple]) -> None:
+        if not rows:
+            return
+        if self.pg:
+            with self.cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            marks = ", ".join("?" * len(columns))
+            self.cur.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+    def executemany(self, sql: str, rows: list[tuple]) -> None:
+        if rows:
+            self.cur.executemany(sql.replace("?", self.mark), rows)
+
+    def new_ids(self, table: str, count: int) -> list[int]:
+        """Ids for rows about to be inserted (we insert explicit ids so children can point at them)."""
+        if count == 0:
+            return []
+        if self.pg and table in self.exclusive:  # nobody else can insert meanwhile: reserve a block at once
+            last = self.query("SELECT setval(pg_get_serial_sequence(?, 'id'), nextval(pg_get_serial_sequence(?, 'id')) "
+                              "+ ? - 1)", (table, table, count))[0][0]
+            return list(range(last - count + 1, last + 1))
+        if self.pg:
+            rows = self.query("SELECT nextval(pg_get_serial_sequence(?, 'id')) FROM generate_series(1, ?)",
+                              (table, count))
+            return [r[0] for r in rows]
+        # SQLite: the import holds the write lock (BEGIN IMMEDIATE) for its whole transaction.
+        start = self._next.get(table)
+        if start is None:
+            start = (self.query(f"SELECT coalesce(max(id), 0) FROM {table}")[0][0] or 0) + 1
+        self._next[table] = start + count
+        return list(range(start, start + count))
+
+
+def sqlite_pragmas(cur, **values) -> dict:
+    """Set connection pragmas; returns their previous values (to restore them)."""
+    previous = {}
+    for name, value in values.items():
+        cur.execute(f"PRAGMA {name}")
+        previous[name] = cur.fetchone()[0]
+        cur.execute(f"PRAGMA {name} = {int(value)}")
+    return previous
+
+
+class FtsPause:
+    """SQLite: the search index's insert trigger costs ~0.2 ms a row. The import drops it inside its own
+    transaction and indexes every contact it created with one INSERT … SELECT just before the commit
+    (DDL is transactional in SQLite, and the import holds the write lock throughout, so the new contacts
+    are exactly those with an id above the largest one at the start). Meanwhile the update trigger only
+    runs for contacts that existed before the import (a merge into one of them); the import's own contacts
+    are not in the index yet, and get their final text at the end.
+
+    FTS5 also flushes its in-memory term buffer to a new segment every `hashsize` bytes (1 MB by
+    default); one statement with a larger buffer writes few, large segments and merges far less (~40%
+    less FTS time than a statement per batch). It is an FTS5 setting stored in the index, so it is put
+    back before the commit too."""
+
+    HASHSIZE = 64 * 1024 * 1024  # 1M contacts: ~1.5 s faster than 32 MB, for +40 MB resident while indexing
+    DEFAULT_HASHSIZE = 1024 * 1024  # FTS5's own default
+
+    def __init__(self, db: BulkDb, saved: list[str], first_id: int):
+        from omnicrm.search_index import FTS_TABLE
+
+        self.db, self.saved, self.first_id, self.table = db, saved, first_id, FTS_TABLE
+
+    @classmethod
+    def start(cls, db: BulkDb) -> "FtsPause | None":
+        from omnicrm.search_index import FTS_TABLE
+
+        names = (f"{FTS_TABLE}_ai", f"{FTS_TABLE}_au")
+        found = dict(db.query("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name IN (?, ?)", names))
+        if set(found) != set(names):
+            return None
+        first_id = (db.query("SELECT max(id) FROM contacts")[0][0] or 0) + 1
+        for name in names:
+            db.cur.execute(f"DROP TRIGGER {name}")
+        db.cur.execute(re.sub(r"\bWHEN\b(.*?)\bBEGIN\b", lambda m: f"WHEN old.id < {int(first_id)} AND ({m[1]}) BEGIN",
+                              found[names[1]], count=1, flags=re.S | re.I))
+        return cls(db, [found[n] for n in names], first_id)
+
+    def restore(self) -> None:
+        db, table = self.db, self.table
+        stored = db.query(f"SELECT v FROM {table}_config WHERE k = 'hashsize'")
+        db.cur.execute(f"INSERT INTO {table}({table}, rank) VALUES ('hashsize', ?)", (self.HASHSIZE,))
+        db.cur.execute(f"INSERT INTO {table}(rowid, search_text) SELECT id, search_text FROM contacts WHERE id >= ?",
+                       (self.first_id,))
+        db.cur.execute(f"INSERT INTO {table}({table}, rank) VALUES ('hashsize', ?)",
+                       (int(stored[0][0]) if stored else self.DEFAULT_HASHSIZE,))
+        db.cur.execute(f"DROP TRIGGER {table}_au")
+        for sql in self.saved:
+            db.cur.execute(sql)
+
+
+class PgBulkLoad:
+    """PostgreSQL, a big file into a small database: maintaining the trigram index, the list indexes and
+    the foreign keys row by row costs four times the inserts themselves (the GIN index alone half).
+    For the import the contact tables' foreign keys and their indexes are dropped inside the import's
+    transaction and created again before the commit (`restore`): one sort per index and one join per
+    foreign key. Primary keys stay; so do the unique email index and the contact_id indexes, which the
+    import reads, unless it is a fast import (which reads them only after `restore`). DDL is
+    transactional, so a failed or rolled-back import gets everything back. The cost: until the import
+    commits, other sessions that touch these tables wait for it (the drop takes an exclusive lock), so this
+    only happens for a file expected to hold at least MIN_ROWS contacts and at least as many as the whole
+    table has already."""
+
+    TABLES = ("contacts", "contact_emails", "contact_phones", "contact_tags", "notes", "interactions")
+    INDEXED = TABLES[:4]  # notes and interactions keep their indexes (few notes; many synced emails)
+    MIN_ROWS = 50_000
+    MAINTENANCE_MEMORY = "256MB"  # server memory for each index build (SET LOCAL: this transaction only)
+
+    def __init__(self, db: BulkDb, indexes: list[str], constraints: list[tuple[str, str, str]]):
+        self.db, self.indexes, self.constraints = db, indexes, constraints
+
+    @classmethod
+    def start(cls, db: BulkDb, source: CsvInput, fast: bool) -> "PgBulkLoad | None":
+        expected = (source.total_bytes or 0) // BYTES_PER_ROW
+        if expected < cls.MIN_ROWS or expected < db.query("SELECT count(*) FROM contacts")[0][0]:
+            return None
+        tables = list(cls.TABLES)
+        db.cur.execute(f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
+        # Foreign keys, and (fast) the unique email constraint: (table, name, definition).
+        constraints = db.query("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+                               "FROM pg_constraint WHERE conrelid = ANY(?::regclass[]) "
+                               "AND (contype = 'f' OR (? AND contype = 'u' AND conrelid = 'contact_emails'::regclass)) "
+                               "ORDER BY contype DESC, 1, 2", (tables, fast))
+        # The contact tables' other indexes (those on contact_id only when fast).
+        indexes = [(name, sql) for name, sql in db.query(
+            "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+            "WHERE i.indrelid = ANY(?::regclass[]) AND NOT i.indisprimary "
+            "AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid) ORDER BY 1",
+            (list(cls.INDEXED),))
+            if fast or not re.search(r"\(\s*contact_id\b", sql)]
+        for table, name, _ in constraints:
+            db.cur.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
+        for name, _ in indexes:
+            db.cur.execute(f"DROP INDEX {name}")
+        db.exclusive.update(tables)
+        return cls(db, [sql for _, sql in indexes], constraints)
+
+    def restore(self) -> None:
+        cur = self.db.cur
+        cur.execute(f"SET LOCAL maintenance_work_mem = '{self.MAINTENANCE_MEMORY}'")
+        for sql in self.indexes:
+            cur.execute(sql)
+        for table, name, definition in self.constraints:  # the unique one first: foreign keys do not need it
+            cur.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')
