@@ -34,7 +34,7 @@ OMNICRM = [sys.executable, "-m", "omnicrm"]
 DEFAULT_ROWS = int(os.environ.get("OMNICRM_BENCH_CSV_ROWS", "1000000"))
 
 
-CPU: dict[str, float] = {}
+LAST: dict[str, float] = {}  # the last run's CPU seconds ("cpu_s") and process-tree peak memory ("tree_mb")
 
 
 def tree_rss_kb(pid: int) -> int:
@@ -55,9 +55,9 @@ def tree_rss_kb(pid: int) -> int:
 
 def run(cmd: list[str], env: dict | None = None, stdin=None, stdout=subprocess.DEVNULL) -> tuple[float, float]:
     """Run `cmd` as a child; (wall seconds, peak RSS in MB of that child). Fails loudly on a non-zero exit.
-    The child's CPU seconds (user + system) are left in CPU["last"], and the peak of its whole process
+    The child's CPU seconds (user + system) are left in LAST["cpu_s"], and the peak of its whole process
     tree's resident memory (Pss, sampled every 0.1 s: the import's reader process, the export's readers) in
-    CPU["tree_mb"]."""
+    LAST["tree_mb"]."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
     peak = [0]
@@ -73,8 +73,8 @@ def run(cmd: list[str], env: dict | None = None, stdin=None, stdout=subprocess.D
     wall = time.perf_counter() - start
     done.set()
     sampler.join()
-    CPU["last"] = usage.ru_utime + usage.ru_stime
-    CPU["tree_mb"] = peak[0] / 1024
+    LAST["cpu_s"] = usage.ru_utime + usage.ru_stime
+    LAST["tree_mb"] = peak[0] / 1024
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.returncode != 0:
@@ -93,10 +93,10 @@ def measure_engine(name: str, db_url: str, csv_path: Path, rows: int, work: Path
     env = base_env(home, db_url)
     run([*OMNICRM, "--quiet", "init"], env)
     import_s, import_mb = run([*OMNICRM, "--quiet", "contacts", "import", str(csv_path)], env)
-    import_cpu, import_tree_mb = CPU["last"], CPU["tree_mb"]  # with the forked reader process
+    import_cpu, import_tree_mb = LAST["cpu_s"], LAST["tree_mb"]  # with the forked reader process
     out = work / f"export-{name}.csv"
     export_s, export_mb = run([*OMNICRM, "--quiet", "contacts", "export", "-o", str(out)], env)
-    export_cpu, export_tree_mb = CPU["last"], CPU["tree_mb"]
+    export_cpu, export_tree_mb = LAST["cpu_s"], LAST["tree_mb"]
     with out.open("rb") as fh:
         exported_lines = sum(1 for _ in fh)
     out.unlink()

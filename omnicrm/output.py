@@ -30,9 +30,9 @@ def unneutralise(value: str) -> str:
 
 GUARDED_FIRST = sorted("=+-@\t\r'")  # the first characters worth a closer look
 _GUARDED_FIRST = frozenset(GUARDED_FIRST)
-# The rules as two regular expressions, shared with the PostgreSQL export (omnicrm/csvio/exporting.py), which applies
-# them in SQL: a cell is a formula when it starts with one of = + - @ tab CR, unless every `;`-separated
-# part of it is plain data: empty, not starting with one of those, a signed number or phone
+# The rules as two regular expressions, shared with the PostgreSQL export (omnicrm/csvio/exporting.py),
+# which applies them in SQL: a cell is a formula when it starts with one of = + - @ tab CR, unless every
+# `;`-separated part of it is plain data: empty, not starting with one of those, a signed number or phone
 # (+14155550101, +1 (415) 555-0101, -42), or an email address with a leading + or - (+news@example.com).
 FORMULA_START_PATTERN = "^[=+@\t\r-]"
 _PLAIN_PART = "(?:[^=+@\t\r;-][^;]*|[+-][0-9][0-9 ().-]*|[+-][A-Za-z0-9._%+-]*@[A-Za-z0-9.-]+)?"

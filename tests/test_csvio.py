@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 
 from omnicrm import csvio
 from omnicrm.config import now as clock_now
-from omnicrm.csvio import bulk, exporting, importing, reading
 from omnicrm.contacts import add_contact
+from omnicrm.csvio import bulk, exporting, importing, reading
 from omnicrm.db import user_id
 from omnicrm.errors import InvalidInput
 from omnicrm.models import Contact, ContactEmail, ContactPhone, ContactTag, Interaction, Note, Tag

@@ -112,10 +112,8 @@ class FtsPause:
     HASHSIZE = 64 * 1024 * 1024  # 1M contacts: ~1.5 s faster than 32 MB, for +40 MB resident while indexing
     DEFAULT_HASHSIZE = 1024 * 1024  # FTS5's own default
 
-    def __init__(self, db: BulkDb, saved: list[str], first_id: int):
-        from omnicrm.search_index import FTS_TABLE
-
-        self.db, self.saved, self.first_id, self.table = db, saved, first_id, FTS_TABLE
+    def __init__(self, db: BulkDb, table: str, saved: list[str], first_id: int):
+        self.db, self.table, self.saved, self.first_id = db, table, saved, first_id
 
     @classmethod
     def start(cls, db: BulkDb) -> "FtsPause | None":
@@ -130,7 +128,7 @@ class FtsPause:
             db.cur.execute(f"DROP TRIGGER {name}")
         db.cur.execute(re.sub(r"\bWHEN\b(.*?)\bBEGIN\b", lambda m: f"WHEN old.id < {int(first_id)} AND ({m[1]}) BEGIN",
                               found[names[1]], count=1, flags=re.S | re.I))
-        return cls(db, [found[n] for n in names], first_id)
+        return cls(db, FTS_TABLE, [found[n] for n in names], first_id)
 
     def restore(self) -> None:
         db, table = self.db, self.table

@@ -9,7 +9,7 @@ import os
 from datetime import datetime
 from typing import IO, Iterator
 
-from sqlalchemy import select, text
+from sqlalchemy import Integer, Text, and_, case, func, literal, literal_column, select, text, true
 from sqlalchemy.orm import Session
 
 from omnicrm.config import now as clock_now
@@ -62,8 +62,6 @@ def _pg_aggregate_joins(c, user_id: int, joiner: str, filtered: bool, ranged: bo
     A whole export aggregates each table for the user in one pass (GROUP BY, then merge joins), or for the
     contact ids between :range_lo and :range_hi (`ranged`); a filtered one looks up only the matching
     contacts' rows (LATERAL)."""
-    from sqlalchemy import Integer, Text, text, true
-
     sep = "chr(31)" if joiner == _SEP else "';'"
     joined, values = c, []
     for name, (value, source, order, owner, user_col) in zip("eptn", _PG_CHILDREN):
@@ -113,8 +111,6 @@ def _export_select(user_id: int, flt: ContactFilter, now: datetime, pg: bool, jo
     PostgreSQL by the same two regular expressions as `omnicrm.output.neutralise`, with empty text as NULL
     (COPY would quote an empty string; the CSV writer writes both as an empty cell); on SQLite by
     neutralise itself, for the few cells that need a look (_sqlite_guard)."""
-    from sqlalchemy import and_, case, func, literal, literal_column
-
     from omnicrm.output import FORMULA_START_PATTERN, GUARDED_FIRST, PLAIN_CELL_PATTERN
 
     c = Contact.__table__.alias("c")
@@ -207,17 +203,24 @@ def _copy_csv(session: Session, user_id: int, flt: ContactFilter, now: datetime,
         dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
     cur = conn.connection.driver_connection.cursor()
     stream.write(",".join(columns) + "\n")
-    pending: list = []
-    size = 0
     with cur.copy(f"COPY ({compiled}) TO STDOUT WITH (FORMAT csv)", compiled.params) as copy:
-        for data in copy:
-            pending.append(data)
-            size += len(data)
-            if size >= 1 << 16:
-                _write_utf8(stream, b"".join(pending))
-                pending, size = [], 0
-    _write_utf8(stream, b"".join(pending))
+        for piece in _pieces(copy, 1 << 16):
+            _write_utf8(stream, piece)
     return cur.rowcount
+
+
+def _pieces(copy, size: int) -> Iterator[bytes]:
+    """The data of a `COPY … TO STDOUT` joined into pieces of about `size` bytes (one whole row per message,
+    so a piece decodes cleanly); the last piece may be empty."""
+    pending: list = []
+    total = 0
+    for data in copy:
+        pending.append(data)
+        total += len(data)
+        if total >= size:
+            yield b"".join(pending)
+            pending, total = [], 0
+    yield b"".join(pending)
 
 
 def _pg_parallel_copy(session: Session, user_id: int, now: datetime, columns: list[str], stream: IO[str], *,
@@ -252,16 +255,10 @@ def _pg_parallel_copy(session: Session, user_id: int, now: datetime, columns: li
                 worker.execute(setting)
             for start in mine:
                 params = compiled.construct_params({"range_lo": start, "range_hi": start + span - 1})
-                pending: list = []
-                size = 0
                 with worker.copy(statement, params) as copy:
-                    for data in copy:  # one whole row per message: a joined piece decodes cleanly
-                        pending.append(data)
-                        size += len(data)
-                        if size >= 1 << 20:
-                            yield 0, b"".join(pending), False
-                            pending, size = [], 0
-                yield worker.rowcount, b"".join(pending), True  # the range's last piece, and its row count
+                    for piece in _pieces(copy, 1 << 20):
+                        yield 0, piece, False
+                yield worker.rowcount, b"", True  # the end of the range, and its row count
         finally:
             raw.rollback()
             raw.close()

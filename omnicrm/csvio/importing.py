@@ -240,6 +240,9 @@ class _Parsed(NamedTuple):
 
 _CONTACT_COLUMNS = ("id", "user_id", "display_name", "company", "title", "created_at", "updated_at",
                     "last_interaction_at", "search_text", "manual_fields", "interaction_count")
+_EMAIL_COLUMNS = ("user_id", "contact_id", "email", "position")
+_PHONE_COLUMNS = ("user_id", "contact_id", "raw", "e164", "position")
+_TAG_COLUMNS = ("contact_id", "tag_id")
 _MANUAL_FIELDS = ("display_name", "company", "title")
 # manual_fields for each combination of name, company and title being set (bit 2, 1, 0 of the index)
 _MANUAL_BY_MASK = tuple(",".join(f for bit, f in zip((4, 2, 1), _MANUAL_FIELDS) if mask & bit) for mask in range(8))
@@ -464,16 +467,15 @@ class Importer:
             return None
         name, company, title, notes = data.display_name, data.company, data.title, data.notes
         search = search_text(name, company, emails, phones)
+        slot, self._slots = self._slots, self._slots + 1
         if self.fresh is not None and not self.seen.add(emails):  # certainly a new contact
             ts, now_ts = self.db.ts, self.now_ts
             created_ts = ts(created) if created else now_ts
-            self.fresh.add(self._slots, name, company, title, notes, emails, phones, tags, created_ts,
+            self.fresh.add(slot, name, company, title, notes, emails, phones, tags, created_ts,
                            ts(updated) if updated else created_ts, now_ts if notes else None, search)
-            self._slots += 1
             return None
-        self._slots += 1
         return _Row(line, cells if self.keep_cells else None, name, company, title, notes, emails, phones, tags,
-                    created, updated, search, self._slots - 1)
+                    created, updated, search, slot)
 
     def _owners(self, rows: list[_Row]) -> dict[str, int]:
         """Existing contacts (this user's) owning any email of the batch."""
@@ -590,15 +592,14 @@ class Importer:
     # -- writing --------------------------------------------------------------------------------
     def _write(self, touched: list[_Target]) -> None:
         db, uid = self.db, self.user_id
-        now, now_ts_value = self.now, self.now_ts
+        now, now_ts = self.now, self.now_ts
 
         def ts(value: datetime):
-            return now_ts_value if value is now else db.ts(value)
+            return now_ts if value is now else db.ts(value)
         new = [t for t in touched if t.new and t.id is None]  # (a held-back row has its id)
         for t, cid in zip(new, db.new_ids("contacts", len(new))):
             t.id = cid
         notes = [(t, body) for t in touched for body in t.notes[t.n_notes:]]
-        now_ts = ts(self.now)
         for t, _ in notes:
             t.last_at = self.now if t.last_at is None or t.last_at < self.now else t.last_at
         contacts, updates, emails, phones, tag_rows = [], [], [], [], []
@@ -627,9 +628,9 @@ class Importer:
         db.executemany("UPDATE contacts SET display_name = ?, company = ?, title = ?, search_text = ?, "
                        "manual_fields = ?, updated_at = ?, last_interaction_at = ? WHERE id = ?", updates)
         emails.sort(key=_by_email)  # in the unique (user_id, email) index's order: each leaf page visited once
-        db.insert("contact_emails", ("user_id", "contact_id", "email", "position"), emails)
-        db.insert("contact_phones", ("user_id", "contact_id", "raw", "e164", "position"), phones)
-        db.insert("contact_tags", ("contact_id", "tag_id"), tag_rows)
+        db.insert("contact_emails", _EMAIL_COLUMNS, emails)
+        db.insert("contact_phones", _PHONE_COLUMNS, phones)
+        db.insert("contact_tags", _TAG_COLUMNS, tag_rows)
         self._insert_notes([(t.id, body) for t, body in notes])
         # The relationship score's counter (omnicrm/score.py) counts these note interactions too.
         added: dict[int, int] = {}
@@ -642,12 +643,11 @@ class Importer:
     def _add_fresh(self, fresh: _Fresh, ids: list[int]) -> None:
         db, uid = self.db, self.user_id
         db.insert("contacts", _CONTACT_COLUMNS, [(cid, uid, *row) for cid, row in zip(ids, fresh.contacts)])
-        db.insert("contact_emails", ("user_id", "contact_id", "email", "position"),
-                  [(uid, ids[k], email, pos) for email, k, pos in fresh.emails])
-        db.insert("contact_phones", ("user_id", "contact_id", "raw", "e164", "position"),
+        db.insert("contact_emails", _EMAIL_COLUMNS, [(uid, ids[k], email, pos) for email, k, pos in fresh.emails])
+        db.insert("contact_phones", _PHONE_COLUMNS,
                   [(uid, ids[k], raw, e164, pos) for k, raw, e164, pos in fresh.phones])
         tag_ids = self._tag_ids({tag for _, tag in fresh.tags})
-        db.insert("contact_tags", ("contact_id", "tag_id"), [(ids[k], tag_ids[tag]) for k, tag in fresh.tags])
+        db.insert("contact_tags", _TAG_COLUMNS, [(ids[k], tag_ids[tag]) for k, tag in fresh.tags])
         self._insert_notes([(ids[k], body) for k, body in fresh.notes])
         self.summary.created += len(ids)
 
