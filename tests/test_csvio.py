@@ -294,7 +294,7 @@ def test_import_leaves_the_search_index_consistent(session):
         assert index_present(conn)
         conn.exec_driver_sql(f"INSERT INTO {FTS_TABLE}({FTS_TABLE}, rank) VALUES ('integrity-check', 1)")
         stored = conn.exec_driver_sql(f"SELECT v FROM {FTS_TABLE}_config WHERE k = 'hashsize'").all()
-        assert stored in ([], [(bulk.FtsPause.DEFAULT_HASHSIZE,)])
+        assert stored in ([], [(bulk.SqliteBulkLoad.DEFAULT_HASHSIZE,)])
     from omnicrm.contacts import list_contacts
     from omnicrm.filters import ContactFilter
 
@@ -323,7 +323,7 @@ def test_postgresql_bulk_load_puts_indexes_and_foreign_keys_back(session):
 
     def big(text: str) -> csvio.CsvInput:
         source = opened(text)
-        source.total_bytes = 10 * bulk.PgBulkLoad.MIN_ROWS * reading.BYTES_PER_ROW  # "a big file"
+        source.total_bytes = 10 * bulk.BULK_MIN_ROWS * reading.BYTES_PER_ROW  # "a big file"
         return source
 
     rows = "".join(f"P{i},p{i}@example.com,(415) 555-{i:04d},t{i % 4}\n" for i in range(40))
@@ -389,6 +389,53 @@ def test_sqlite_import_puts_the_search_triggers_back(session):
 
     for term, count in (("p3b@", 1), ("p3c@ex", 1), ("2125550199", 1), ("4155550041", 1), ("p5", 11)):
         assert len(list_contacts(session, uid, ContactFilter(search=term)).items) == count, term
+
+
+def test_sqlite_bulk_load_builds_the_random_order_indexes_at_the_end(session):
+    """SQLite, a big file: the name and E.164 indexes are dropped while the rows stream in and built before
+    the commit, with their statistics put back; a failed import rolls the drop back."""
+    conn = session.connection()
+    if conn.dialect.name != "sqlite":
+        pytest.skip("SQLite bulk load")
+    uid = user_id(session, "default")
+    add_contact(session, uid, name="Earlier", emails=["earlier@example.com"], phones=["(415) 555-0100"], region="US")
+    session.commit()
+    conn = session.connection()
+    conn.exec_driver_sql("ANALYZE")  # statistics for every index, not only the ones the migration writes
+    schema = "SELECT type, name, sql FROM sqlite_master ORDER BY name"
+    stats = "SELECT tbl, idx, stat FROM sqlite_stat1 ORDER BY tbl, idx"
+    before, stats_before = conn.exec_driver_sql(schema).all(), conn.exec_driver_sql(stats).all()
+    deferred = set(bulk.SqliteBulkLoad.DEFERRED_INDEXES)
+    assert deferred <= {name for _, name, _ in before} and deferred <= {idx for _, idx, _ in stats_before}
+    session.commit()
+    present = []
+
+    def indexes_present(_consumed) -> None:
+        present.append(deferred & {name for (name,) in session.connection().exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type = 'index'").all()})
+
+    def big(text: str) -> csvio.CsvInput:
+        source = opened(text)
+        source.total_bytes = 10 * bulk.BULK_MIN_ROWS * reading.BYTES_PER_ROW  # "a big file"
+        return source
+
+    rows = "".join(f"P{(i * 7) % 40},p{i}@example.com,(415) 555-{(i * 13) % 40:04d}\n" for i in range(40))
+    failed = csvio.import_contacts(session, uid, big("name,email,phone\n" + rows + "Bad,not-an-email,\n"),
+                                   csvio.ImportOptions(batch_size=7))
+    assert failed.failed
+    session.rollback()
+    conn = session.connection()
+    assert conn.exec_driver_sql(schema).all() == before and conn.exec_driver_sql(stats).all() == stats_before
+    summary = csvio.import_contacts(session, uid, big("name,email,phone\n" + rows),
+                                    csvio.ImportOptions(batch_size=7), on_progress=indexes_present)
+    session.commit()
+    assert summary.created == 40 and present and all(found == set() for found in present)
+    conn = session.connection()
+    assert conn.exec_driver_sql(schema).all() == before and conn.exec_driver_sql(stats).all() == stats_before
+    assert conn.exec_driver_sql("PRAGMA integrity_check").all() == [("ok",)]  # every row in every index
+    names = conn.exec_driver_sql("SELECT display_name FROM contacts INDEXED BY ix_contacts_user_lname "
+                                 "WHERE user_id = ? ORDER BY lower(display_name), id", (uid,)).scalars().all()
+    assert names == sorted(["Earlier"] + [f"P{(i * 7) % 40}" for i in range(40)], key=str.lower)
 
 
 def test_sqlite_export_in_reader_processes_equals_one_process(session):

@@ -96,27 +96,60 @@ def sqlite_pragmas(cur, **values) -> dict:
     return previous
 
 
-class FtsPause:
-    """SQLite: the search index's insert trigger costs ~0.2 ms a row. The import drops it inside its own
-    transaction and indexes every contact it created with one INSERT … SELECT just before the commit
-    (DDL is transactional in SQLite, and the import holds the write lock throughout, so the new contacts
-    are exactly those with an id above the largest one at the start). Meanwhile the update trigger only
-    runs for contacts that existed before the import (a merge into one of them); the import's own contacts
-    are not in the index yet, and get their final text at the end.
+BULK_MIN_ROWS = 50_000
 
-    FTS5 also flushes its in-memory term buffer to a new segment every `hashsize` bytes (1 MB by
-    default); one statement with a larger buffer writes few, large segments and merges far less (~40%
-    less FTS time than a statement per batch). It is an FTS5 setting stored in the index, so it is put
-    back before the commit too."""
+
+def is_bulk_load(db: BulkDb, source: CsvInput) -> bool:
+    """A file expected to hold at least BULK_MIN_ROWS contacts and at least as many as the table has
+    already: building an index once at the end then costs less than keeping it up to date row by row."""
+    expected = (source.total_bytes or 0) // BYTES_PER_ROW
+    return expected >= BULK_MIN_ROWS and expected >= db.query("SELECT count(*) FROM contacts")[0][0]
+
+
+class SqliteBulkLoad:
+    """SQLite: what the import stops maintaining row by row and builds once before the commit. DDL is
+    transactional in SQLite and the import holds the write lock throughout, so a rolled-back import gets
+    everything back and nobody sees the schema in between.
+
+    The search index: its insert trigger costs ~0.2 ms a row. It is dropped, and every contact the import
+    created is indexed by one INSERT … SELECT at the end (the new contacts are exactly those with an id
+    above the largest one at the start). Meanwhile the update trigger only runs for contacts that existed
+    before the import (a merge into one of them); the import's own contacts are not in the index yet, and
+    get their final text at the end. FTS5 also flushes its in-memory term buffer to a new segment every
+    `hashsize` bytes (1 MB by default); one statement with a larger buffer writes few, large segments and
+    merges far less (~40% less FTS time than a statement per batch). It is an FTS5 setting stored in the
+    index, so it is put back too.
+
+    For a bulk load (is_bulk_load), also the indexes whose order is not the import's: the name index
+    (lower(display_name)) and the E.164 phone index take every new row at a random place, which costs the
+    single writer ~4 s and ~2.5 s of 1M rows; built at the end they take ~1.6 s and ~1.2 s. (The other
+    indexes grow at their end during an import and cost about the same either way.) DROP INDEX deletes an
+    index's statistics, so those are put back as they were."""
 
     HASHSIZE = 64 * 1024 * 1024  # 1M contacts: ~1.5 s faster than 32 MB, for +40 MB resident while indexing
     DEFAULT_HASHSIZE = 1024 * 1024  # FTS5's own default
+    DEFERRED_INDEXES = ("ix_contacts_user_lname", "ix_contact_phones_user_e164")
 
-    def __init__(self, db: BulkDb, table: str, saved: list[str], first_id: int):
-        self.db, self.table, self.saved, self.first_id = db, table, saved, first_id
+    def __init__(self, db: BulkDb, fts: tuple[str, list[str], int] | None, indexes: list[str], stats: list[tuple]):
+        self.db, self.fts, self.indexes, self.stats = db, fts, indexes, stats
 
     @classmethod
-    def start(cls, db: BulkDb) -> "FtsPause | None":
+    def start(cls, db: BulkDb, source: CsvInput) -> "SqliteBulkLoad":
+        indexes, stats = [], []
+        if is_bulk_load(db, source):
+            names = cls.DEFERRED_INDEXES
+            found = db.query("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name IN (?, ?)", names)
+            if db.query("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'"):
+                stats = db.query("SELECT tbl, idx, stat FROM sqlite_stat1 WHERE idx IN (?, ?)", names)
+            for name, sql in found:
+                db.cur.execute(f"DROP INDEX {name}")
+                indexes.append(sql)
+        return cls(db, cls._pause_search_index(db), indexes, stats)
+
+    @staticmethod
+    def _pause_search_index(db: BulkDb) -> tuple[str, list[str], int] | None:
+        """Drop the insert trigger, limit the update trigger to older contacts; (table, saved triggers,
+        first new id), or None without a search index."""
         from omnicrm.search_index import FTS_TABLE
 
         names = (f"{FTS_TABLE}_ai", f"{FTS_TABLE}_au")
@@ -128,18 +161,28 @@ class FtsPause:
             db.cur.execute(f"DROP TRIGGER {name}")
         db.cur.execute(re.sub(r"\bWHEN\b(.*?)\bBEGIN\b", lambda m: f"WHEN old.id < {int(first_id)} AND ({m[1]}) BEGIN",
                               found[names[1]], count=1, flags=re.S | re.I))
-        return cls(db, FTS_TABLE, [found[n] for n in names], first_id)
+        return FTS_TABLE, [found[n] for n in names], first_id
 
     def restore(self) -> None:
-        db, table = self.db, self.table
+        db = self.db
+        for sql in self.indexes:
+            db.cur.execute(sql)
+        if self.stats:
+            db.cur.executemany("INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (?, ?, ?)", self.stats)
+            db.cur.execute("ANALYZE sqlite_schema")  # reload the statistics into this connection's schema
+        if self.fts:
+            self._index_new_contacts(*self.fts)
+
+    def _index_new_contacts(self, table: str, saved: list[str], first_id: int) -> None:
+        db = self.db
         stored = db.query(f"SELECT v FROM {table}_config WHERE k = 'hashsize'")
         db.cur.execute(f"INSERT INTO {table}({table}, rank) VALUES ('hashsize', ?)", (self.HASHSIZE,))
         db.cur.execute(f"INSERT INTO {table}(rowid, search_text) SELECT id, search_text FROM contacts WHERE id >= ?",
-                       (self.first_id,))
+                       (first_id,))
         db.cur.execute(f"INSERT INTO {table}({table}, rank) VALUES ('hashsize', ?)",
                        (int(stored[0][0]) if stored else self.DEFAULT_HASHSIZE,))
         db.cur.execute(f"DROP TRIGGER {table}_au")
-        for sql in self.saved:
+        for sql in saved:
             db.cur.execute(sql)
 
 
@@ -152,12 +195,10 @@ class PgBulkLoad:
     import reads, unless it is a fast import (which reads them only after `restore`). DDL is
     transactional, so a failed or rolled-back import gets everything back. The cost: until the import
     commits, other sessions that touch these tables wait for it (the drop takes an exclusive lock), so this
-    only happens for a file expected to hold at least MIN_ROWS contacts and at least as many as the whole
-    table has already."""
+    only happens for a bulk load (is_bulk_load)."""
 
     TABLES = ("contacts", "contact_emails", "contact_phones", "contact_tags", "notes", "interactions")
     INDEXED = TABLES[:4]  # notes and interactions keep their indexes (few notes; many synced emails)
-    MIN_ROWS = 50_000
     MAINTENANCE_MEMORY = "256MB"  # server memory for each index build (SET LOCAL: this transaction only)
 
     def __init__(self, db: BulkDb, indexes: list[str], constraints: list[tuple[str, str, str]]):
@@ -165,8 +206,7 @@ class PgBulkLoad:
 
     @classmethod
     def start(cls, db: BulkDb, source: CsvInput, fast: bool) -> "PgBulkLoad | None":
-        expected = (source.total_bytes or 0) // BYTES_PER_ROW
-        if expected < cls.MIN_ROWS or expected < db.query("SELECT count(*) FROM contacts")[0][0]:
+        if not is_bulk_load(db, source):
             return None
         tables = list(cls.TABLES)
         db.cur.execute(f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from omnicrm.config import now as clock_now
 from omnicrm import csvformats as formats
-from omnicrm.csvio.bulk import BulkDb, FtsPause, PgBulkLoad, sqlite_pragmas
+from omnicrm.csvio.bulk import BulkDb, PgBulkLoad, SqliteBulkLoad, sqlite_pragmas
 from omnicrm.csvio.forked import Forked
 from omnicrm.csvio.reading import BYTES_PER_ROW, CsvInput, is_blank, open_csv
 from omnicrm.errors import InvalidInput
@@ -757,12 +757,12 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
     # back to what they were after.
     pragmas = sqlite_pragmas(db.cur, cache_size=-32768, mmap_size=0)
     try:
-        search_index = FtsPause.start(db)
+        bulk = SqliteBulkLoad.start(db, source)
         with _fewer_gc_passes():
             importer.run()
             importer.flush_deferred()
-        if search_index:
-            search_index.restore()
+        if not summary.dry_run and not summary.failed:  # otherwise the caller rolls back (the drops too)
+            bulk.restore()
     finally:
         sqlite_pragmas(db.cur, **pragmas)
     return summary
