@@ -28,6 +28,13 @@ def opened(text: str | bytes, **kw) -> csvio.CsvInput:
     return csvio.open_csv(io.BytesIO(raw), **kw)
 
 
+def big(text: str) -> csvio.CsvInput:
+    """`text` as an input that looks like a file of a bulk load's size (bulk.is_bulk_load)."""
+    source = opened(text)
+    source.total_bytes = 10 * bulk.BULK_MIN_ROWS * reading.BYTES_PER_ROW
+    return source
+
+
 def records(text: str | bytes, **kw) -> list[tuple[int, list[str]]]:
     return list(opened(text, **kw).records())
 
@@ -321,11 +328,6 @@ def test_postgresql_bulk_load_puts_indexes_and_foreign_keys_back(session):
     uid = user_id(session, "default")
     session.commit()
 
-    def big(text: str) -> csvio.CsvInput:
-        source = opened(text)
-        source.total_bytes = 10 * bulk.BULK_MIN_ROWS * reading.BYTES_PER_ROW  # "a big file"
-        return source
-
     rows = "".join(f"P{i},p{i}@example.com,(415) 555-{i:04d},t{i % 4}\n" for i in range(40))
     failed = csvio.import_contacts(session, uid, big("name,email,phone,tags\n" + rows + "Bad,not-an-email,,\n"),
                                    csvio.ImportOptions(batch_size=7))
@@ -413,11 +415,6 @@ def test_sqlite_bulk_load_builds_the_random_order_indexes_at_the_end(session):
     def indexes_present(_consumed) -> None:
         present.append(deferred & {name for (name,) in session.connection().exec_driver_sql(
             "SELECT name FROM sqlite_master WHERE type = 'index'").all()})
-
-    def big(text: str) -> csvio.CsvInput:
-        source = opened(text)
-        source.total_bytes = 10 * bulk.BULK_MIN_ROWS * reading.BYTES_PER_ROW  # "a big file"
-        return source
 
     rows = "".join(f"P{(i * 7) % 40},p{i}@example.com,(415) 555-{(i * 13) % 40:04d}\n" for i in range(40))
     failed = csvio.import_contacts(session, uid, big("name,email,phone\n" + rows + "Bad,not-an-email,\n"),
