@@ -30,9 +30,10 @@ def sqlite_path(url: str) -> Path | None:
     return None
 
 
-def _use_wal(cur) -> None:
-    """Switch a new database file to WAL. The switch needs an exclusive lock and SQLite reports
-    "database is locked" at once (no busy wait) when processes open a brand-new file together: retry."""
+def use_wal(cur) -> None:
+    """Switch the database file to WAL: a new one, or one a bulk load left (csvio.bulk.sqlite_bulk_journal).
+    The switch needs an exclusive lock and SQLite reports "database is locked" at once (no busy wait)
+    when processes open a brand-new file together: retry."""
     import sqlite3
     import time
 
@@ -57,7 +58,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
         cur.execute("PRAGMA foreign_keys = ON")
-        _use_wal(cur)
+        use_wal(cur)
         cur.execute("PRAGMA synchronous = NORMAL")
         # Reads through a memory map: no read() call per page for index lookups on big tables.
         cur.execute("PRAGMA mmap_size = 1073741824")

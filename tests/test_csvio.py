@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -433,6 +434,61 @@ def test_sqlite_bulk_load_builds_the_random_order_indexes_at_the_end(session):
     names = conn.exec_driver_sql("SELECT display_name FROM contacts INDEXED BY ix_contacts_user_lname "
                                  "WHERE user_id = ? ORDER BY lower(display_name), id", (uid,)).scalars().all()
     assert names == sorted(["Earlier"] + [f"P{(i * 7) % 40}" for i in range(40)], key=str.lower)
+
+
+def test_sqlite_bulk_load_writes_through_a_rollback_journal(settings):
+    """SQLite, a big file into a database no other connection has open: the import's session runs with a
+    rollback journal and synchronous FULL, and WAL (synchronous NORMAL) is back afterwards, also when the
+    import fails. A small file, or another open connection, leaves the database in WAL."""
+    import sqlite3
+
+    from omnicrm.db import ready_engine, session_scope
+
+    if not settings.is_sqlite:
+        pytest.skip("SQLite journal")
+    engine = ready_engine(settings)
+    path = engine.url.database
+    rows = "".join(f"P{i},p{i}@example.com\n" for i in range(30))
+
+    def journal() -> str:  # as a new connection finds the file
+        with closing(sqlite3.connect(path)) as conn:
+            return conn.execute("PRAGMA journal_mode").fetchone()[0]
+
+    def import_rows(text: str, fail: bool = False) -> tuple[bool, str, int]:
+        """Import `text` in a session inside sqlite_bulk_journal: (switched, the session's journal mode and
+        synchronous level)."""
+        source = big(text)
+        with bulk.sqlite_bulk_journal(engine, source) as switched, session_scope(settings) as session:
+            uid = user_id(session, "default")
+            summary = csvio.import_contacts(session, uid, source, csvio.ImportOptions())
+            conn = session.connection()
+            seen = (switched, conn.exec_driver_sql("PRAGMA journal_mode").scalar(),
+                    conn.exec_driver_sql("PRAGMA synchronous").scalar())
+            if fail:
+                raise RuntimeError("the import's caller fails before the commit")
+            assert not summary.failed
+            session.commit()
+        return seen
+
+    assert journal() == "wal"
+    with pytest.raises(RuntimeError):
+        import_rows("name,email\n" + rows, fail=True)
+    assert journal() == "wal"
+    assert import_rows("name,email\n" + rows) == (True, "delete", 2)  # 2: FULL
+    assert journal() == "wal"
+    with closing(engine.raw_connection()) as raw:
+        assert raw.driver_connection.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL again
+    with session_scope(settings) as session:
+        assert session.scalar(select(func.count()).select_from(Contact)) == 30
+    other = sqlite3.connect(path)
+    try:
+        other.execute("SELECT count(*) FROM contacts").fetchall()  # open, and has read: SQLite keeps WAL
+        assert import_rows("name,email\nQ,q@example.com\n")[:2] == (False, "wal")
+    finally:
+        other.close()
+    small = opened("name,email\nR,r@example.com\n")
+    with bulk.sqlite_bulk_journal(engine, small) as switched:
+        assert not switched and journal() == "wal"
 
 
 def test_sqlite_export_in_reader_processes_equals_one_process(session):

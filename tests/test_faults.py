@@ -156,6 +156,50 @@ def test_database_lost_mid_import_is_exit_1_and_nothing_half_written(db_url, set
     assert counts(settings) == (500, 500, 500)
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_sqlite_bulk_load_killed_mid_import_is_rolled_back(settings, omnicrm_home, tmp_path):
+    """SQLite, a bulk load, which writes through a rollback journal instead of WAL
+    (csvio.bulk.sqlite_bulk_journal): SIGKILL once the import has written pages into the database file
+    itself. The next command rolls the hot journal back (the older contact intact, nothing of the import,
+    integrity ok) and puts the database back in WAL; the same import then succeeds."""
+    from omnicrm.csvio import bulk, reading
+
+    big = write_csv(tmp_path / "big.csv", 0, 2 * bulk.BULK_MIN_ROWS)
+    assert big.stat().st_size >= bulk.BULK_MIN_ROWS * reading.BYTES_PER_ROW  # a bulk load's size
+    env = {**os.environ, "OMNICRM_HOME": str(omnicrm_home), "OMNICRM_DATABASE_URL": settings.database_url}
+    add = subprocess.run([EXE, "contacts", "add", "--name", "Earlier", "--email", "earlier@example.com"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert add.returncode == 0, add.stderr
+    db_file = omnicrm_home / "omnicrm.db"
+    journal = db_file.with_name(db_file.name + "-journal")
+    size = db_file.stat().st_size
+    proc = subprocess.Popen([EXE, "contacts", "import", str(big)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: journal.exists() and db_file.stat().st_size > size + 4_000_000,
+                 what="the import's pages in the database file", proc=proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert journal.exists()  # hot: the import's transaction was cut off
+    from omnicrm.db import dispose_engines
+
+    dispose_engines()
+    assert counts(settings) == (1, 1, 1)
+    with sqlite3.connect(db_file) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert not journal.exists()
+    again = subprocess.run([EXE, "contacts", "import", str(big)], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    dispose_engines()
+    assert counts(settings) == (1 + 2 * bulk.BULK_MIN_ROWS,) * 3
+
+
 # --- SQLite locked by another writer -----------------------------------------------------------------
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -94,6 +94,7 @@ def import_(
     """
     from omnicrm import csvio
     from omnicrm.csvformats import parse_mapping
+    from omnicrm.db import ready_engine
 
     st = state(ctx)
     output = st.fmt(fmt)
@@ -124,7 +125,7 @@ def import_(
                 raise InvalidInput(f"--rejects: cannot write {rejects}: {exc.strerror}") from None
         report_rows = not (skip_invalid and rejects)
         progress = _progress(st, source)
-        with st.session() as session:
+        with csvio.sqlite_bulk_journal(ready_engine(st.settings), source), st.session() as session:
             uid = st.user_id(session)
             try:
                 summary = csvio.import_contacts(

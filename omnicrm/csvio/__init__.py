@@ -15,6 +15,7 @@ reading.py (the input), importing.py, bulk.py (each engine's bulk writes), expor
 reader processes of both); the names below are the package's interface.
 """
 
+from omnicrm.csvio.bulk import sqlite_bulk_journal
 from omnicrm.csvio.exporting import EXPORT_COLUMNS, export_contacts, iter_export_batches
 from omnicrm.csvio.importing import (ImportOptions, ImportSummary, RejectsWriter, RowError, check_columns,
                                      import_contacts, import_job, job_payload, phone_e164)
@@ -22,4 +23,4 @@ from omnicrm.csvio.reading import DELIMITERS, CsvInput, open_csv
 
 __all__ = ["CsvInput", "DELIMITERS", "EXPORT_COLUMNS", "ImportOptions", "ImportSummary", "RowError",
            "RejectsWriter", "check_columns", "export_contacts", "import_contacts", "import_job",
-           "iter_export_batches", "job_payload", "open_csv", "phone_e164"]
+           "iter_export_batches", "job_payload", "open_csv", "phone_e164", "sqlite_bulk_journal"]
