@@ -68,3 +68,14 @@ def test_closed_pipe_is_quiet(omnicrm_cmd, db_url, omnicrm_home):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and len(run.stdout.splitlines()) == 1
     assert "Traceback" not in run.stderr and "Error" not in run.stderr
+
+
+def test_a_full_disk_under_stdout_is_one_clear_line(omnicrm_cmd, db_url, omnicrm_home):
+    """`export > /dev/full`: exit 1 with the system's reason, not an "unexpected error"."""
+    omnicrm_cmd("contacts", "add", "--name", "Ann", "--email", "ann@example.com")
+    exe = Path(sys.executable).with_name("omnicrm")
+    env = {**os.environ, "OMNICRM_DATABASE_URL": db_url, "OMNICRM_HOME": str(omnicrm_home)}
+    run = subprocess.run(f"'{exe}' contacts export > /dev/full", shell=True, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 1 and run.stderr.startswith("Error: No space left on device"), run.stderr
+    assert "Traceback" not in run.stderr and "unexpected" not in run.stderr

@@ -44,6 +44,8 @@ class OmniGroup(TyperGroup):
                 from omnicrm.db import describe_db_error
 
                 _fail(ctx, f"database error: {describe_db_error(exc)}", 1)
+            if isinstance(exc, OSError) and exc.strerror:  # a full disk under stdout or -o, say
+                _fail(ctx, exc.strerror + (f": {exc.filename}" if exc.filename else ""), 1)
             _fail(ctx, f"unexpected error: {type(exc).__name__}: {exc}", 1)
 
 
