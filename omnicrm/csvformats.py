@@ -59,7 +59,9 @@ _LINKEDIN = {
 }
 
 GOOGLE_SEP = " ::: "
-GOOGLE_SYSTEM_LABELS = {"* mycontacts", "mycontacts", "* other contacts"}
+# Google's own groups, not the user's labels: current exports write `* myContacts`, legacy ones `* My Contacts`
+# (compared lower-cased, without spaces).
+GOOGLE_SYSTEM_LABELS = {"*mycontacts", "mycontacts", "*othercontacts"}
 
 
 def _key(header: str) -> str:
@@ -125,7 +127,7 @@ def _split_google(value: str) -> list[str]:
 def _google_tags(value: str) -> list[str]:
     tags = []
     for label in _split_google(value):
-        if label.lower() in GOOGLE_SYSTEM_LABELS:
+        if "".join(label.lower().split()) in GOOGLE_SYSTEM_LABELS:
             continue
         tags.append(label[2:].strip() if label.startswith("* ") else label)
     return [t for t in tags if t]

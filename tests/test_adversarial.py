@@ -142,7 +142,7 @@ def test_oversized_queries_emails_and_two_megabyte_arguments(cli):
 @pytest.mark.parametrize("column, size, code, message", [
     ("display_name", 10_000, 0, None),
     ("display_name", 2_000_000, 2, "line 3, column display_name: longer than 10,000"),
-    ("notes", 2_000_000, 2, "line 3, column notes: longer than 100,000"),
+    ("notes", 2_000_000, 2, "line 3, column notes: a line longer than 100,000"),
     ("title", 17 * 2**20, 2, "larger than 16 MB"),
 ])
 def test_oversized_csv_fields(cli, tmp_path, column, size, code, message):

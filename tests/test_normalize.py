@@ -36,6 +36,7 @@ def test_is_valid_email(value, valid):
     ("+44 20 7946 0958", "US", "+442079460958"),
     ("06 12 34 56 78", "FR", "+33612345678"),
     ("12", "US", None),
+    ("555-0101", "US", None),  # possible only locally (no area code): no E.164 form, the text is kept
     ("call me", "US", None),
 ])
 def test_to_e164(raw, region, e164):

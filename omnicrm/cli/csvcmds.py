@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -102,6 +103,9 @@ def import_(
         raise InvalidInput(f"--delimiter: {delimiter!r} is not one of ',', ';', 'tab', '|'")
     if rejects and not skip_invalid:
         raise InvalidInput("--rejects: only meaningful with --skip-invalid")
+    if rejects and file != "-" and os.path.exists(rejects) and os.path.exists(file) and \
+            os.path.samefile(rejects, file):
+        raise InvalidInput(f"--rejects: {rejects} is the input file; give the rejected rows another file")
     try:
         mapped = parse_mapping(mapping or [])
     except ValueError as exc:

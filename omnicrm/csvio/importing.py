@@ -48,15 +48,14 @@ def phone_e164(raw: str, region: str) -> str | None:
 
     ASCII digits with ` ().-` separators take the shortcut when they are +1 and 10 digits (the
     plus first), or (in a NANP region) a 10-digit number or 1 + 10 digits whose area code starts with
-    2-9, or a 7-digit local number starting with 2-9; libphonenumber answers every other shape (tests
-    compare both on many generated numbers).
+    2-9; libphonenumber answers every other shape (tests compare both on many generated numbers).
     """
     if raw.isascii():
         number = raw.encode("ascii").translate(None, b" ().-").decode("ascii")
         if number.isdigit():
             if region in _NANP_REGIONS:
                 size = len(number)
-                if (size == 10 or size == 7) and number[0] in "23456789":
+                if size == 10 and number[0] in "23456789":
                     return "+1" + number
                 if size == 11 and number[0] == "1" and number[1] in "23456789":
                     return "+" + number
@@ -121,8 +120,11 @@ class ImportSummary:
         return f"created {self.created}, merged {self.merged}, skipped {self.skipped}, rejected {self.rejected}"
 
     def as_dict(self) -> dict:
-        return {"format": self.format, "rows": self.rows, "created": self.created, "merged": self.merged,
-                "skipped": self.skipped, "rejected": self.rejected, "dry_run": self.dry_run,
+        """The summary for --format json; a failed atomic import created, merged and skipped nothing."""
+        failed = self.failed
+        return {"format": self.format, "rows": self.rows, "created": 0 if failed else self.created,
+                "merged": 0 if failed else self.merged, "skipped": 0 if failed else self.skipped,
+                "rejected": self.rejected, "dry_run": self.dry_run,
                 "written": not self.dry_run and not self.failed,
                 "errors": [{"line": e.line, "column": e.column, "reason": e.reason} for e in self.errors]}
 
@@ -158,7 +160,7 @@ class _Row(NamedTuple):
     name: str | None
     company: str | None
     title: str | None
-    notes: str | None
+    notes: tuple[str, ...]
     emails: list[str]
     phones: list[tuple[str, str | None]]
     tags: list[str]
@@ -210,15 +212,15 @@ class _Fresh:
         k = len(self.contacts)
         self.slots.append(slot)
         manual = _MANUAL_BY_MASK[(name is not None) << 2 | (company is not None) << 1 | (title is not None)]
-        self.contacts.append((name, company, title, created, updated, last, search, manual, 1 if notes else 0))
+        self.contacts.append((name, company, title, created, updated, last, search, manual, len(notes)))
         for position, email in enumerate(emails):
             self.emails.append((email, k, position))
         for position, (raw, e164) in enumerate(phones):
             self.phones.append((k, raw, e164, position))
         for tag in tags:
             self.tags.append((k, tag))
-        if notes:
-            self.notes.append((k, notes))
+        for body in notes:
+            self.notes.append((k, body))
 
     def __getstate__(self):
         return self.slots, self.contacts, self.emails, self.phones, self.tags, self.notes
@@ -252,6 +254,9 @@ def check_columns(source: CsvInput, options: ImportOptions, unneutralise=None) -
     """The extractor for this file's header; InvalidInput when its columns map to nothing useful."""
     known = ", ".join(f for f in formats.KNOWN_FIELDS if f != "ignore")
     seen = ", ".join(repr(h) for h in source.header if h) or "(none)"
+    missing = set(options.mapping) - {formats.key(h) for h in source.header}
+    if missing:
+        raise InvalidInput(f"--map: the file has no column {sorted(missing)[0]!r}. Columns seen: {seen}")
     if source.format is None and not options.mapping:
         raise InvalidInput(f"FILE: none of the columns maps to a contact field. Columns seen: {seen}. "
                            f"Known fields: {known}; formats: native, google, outlook, linkedin (--from); "
@@ -416,14 +421,18 @@ class Importer:
             self._pending_rejects.append((line, cells if self.keep_cells else [], errors))
             return None
         data = ext.extract(cells)
+        notes = (data.notes,) if data.notes else ()
         if (data.notes and len(data.notes) > NOTE_MAX) or (data.display_name and len(data.display_name) > TEXT_MAX) \
                 or (data.company and len(data.company) > TEXT_MAX) or (data.title and len(data.title) > TEXT_MAX):
-            for attr, limit in (("display_name", TEXT_MAX), ("company", TEXT_MAX), ("title", TEXT_MAX),
-                                ("notes", NOTE_MAX)):
+            for attr in ("display_name", "company", "title"):
                 value = getattr(data, attr)
-                if value is not None and len(value) > limit:
+                if value is not None and len(value) > TEXT_MAX:
                     column = attr if attr in ext.first_column or attr != "display_name" else "first_name"
-                    errors.append((ext.column_of(column), f"longer than {limit:,} characters"))
+                    errors.append((ext.column_of(column), f"longer than {TEXT_MAX:,} characters"))
+            if data.notes and len(data.notes) > NOTE_MAX:
+                notes = _note_bodies(data.notes)
+                if not notes:
+                    errors.append((ext.column_of("notes"), f"a line longer than {NOTE_MAX:,} characters"))
         emails: list[str] = []
         for value in data.emails:
             email = value.strip().lower()
@@ -465,7 +474,7 @@ class Importer:
         if errors:
             self._pending_rejects.append((line, cells if self.keep_cells else [], errors))
             return None
-        name, company, title, notes = data.display_name, data.company, data.title, data.notes
+        name, company, title = data.display_name, data.company, data.title
         search = search_text(name, company, emails, phones)
         slot, self._slots = self._slots, self._slots + 1
         if self.fresh is not None and not self.seen.add(emails):  # certainly a new contact
@@ -534,7 +543,7 @@ class Importer:
                 index[e] = t
             t.phones = list(row.phones)
             t.tags = list(row.tags)
-            t.notes = [row.notes] if row.notes else []
+            t.notes = list(row.notes)
             t.search = row.search
             touched.append(t)
             self.summary.created += 1
@@ -572,9 +581,10 @@ class Importer:
             if tag not in target.tags:
                 target.tags.append(tag)
                 changed = True
-        if row.notes and row.notes not in target.notes:
-            target.notes.append(row.notes)
-            changed = True
+        for body in row.notes:
+            if body not in target.notes:
+                target.notes.append(body)
+                changed = True
         if changed and not target.changed:
             target.changed = True
             target.search = None  # recomputed from the merged values
@@ -682,6 +692,19 @@ class Importer:
 
 
 _by_email = itemgetter(2)
+
+
+def _note_bodies(text: str) -> tuple[str, ...]:
+    """A notes cell longer than a note may be (NOTE_MAX; an export joins all of a contact's notes with
+    newlines) as several notes, cut at line ends; () when a line alone is longer than that."""
+    bodies = []
+    while len(text) > NOTE_MAX:
+        cut = text.rfind("\n", 0, NOTE_MAX + 1)
+        if cut <= 0:
+            return ()
+        bodies.append(text[:cut])
+        text = text[cut + 1:]
+    return (*bodies, text)
 
 
 def _aware(value) -> datetime | None:
@@ -828,9 +851,14 @@ class RejectsWriter:
         self._file = open(path, "w", encoding="utf-8", newline="") if path else None  # noqa: SIM115
         self._writer = csv.writer(self._file or stream, lineterminator="\n")
         self._writer.writerow([*header, "error"])
+        self._width = len(header)
 
     def write(self, cells: list[str], error: str) -> None:
-        self._writer.writerow([*cells, error])
+        """A short row is padded to the header, so that the error stays in the `error` column; a long row's
+        extra cells follow it."""
+        width = self._width
+        cells = cells + [""] * (width - len(cells))
+        self._writer.writerow([*cells[:width], error, *cells[width:]])
 
     def close(self) -> None:
         if self._file:

@@ -22,12 +22,16 @@ DELIMITERS = {",": ",", ";": ";", "tab": "\t", "\\t": "\t", "\t": "\t", "|": "|"
 
 
 class _Chain(io.RawIOBase):
-    """The bytes already read for sniffing, then the rest of the stream; counts what was consumed."""
+    """The bytes already read for sniffing, then the rest of the stream; counts what was consumed, and the
+    lines before the latest chunk read (the text decoder reads chunk by chunk, so that a decoding error can
+    name its line: line_of)."""
 
     def __init__(self, prefix: bytes, rest: IO[bytes] | None):
         self._prefix = memoryview(prefix)
         self._rest = rest
         self.consumed = 0
+        self._lines = 0  # newlines before the latest chunk
+        self._latest = b""
 
     def readable(self) -> bool:
         return True
@@ -35,16 +39,24 @@ class _Chain(io.RawIOBase):
     def readinto(self, buffer) -> int:
         if len(self._prefix):
             n = min(len(buffer), len(self._prefix))
-            buffer[:n] = self._prefix[:n]
+            data = self._prefix[:n].tobytes()
             self._prefix = self._prefix[n:]
         elif self._rest is not None:
             data = self._rest.read(len(buffer))
             n = len(data)
-            buffer[:n] = data
         else:
-            n = 0
+            data, n = b"", 0
+        buffer[:n] = data
         self.consumed += n
+        self._lines += self._latest.count(b"\n")
+        self._latest = data
         return n
+
+    def line_of(self, exc: UnicodeDecodeError) -> int:
+        """The line of the byte a decoding error points at: in the latest chunk, which the decoder saw
+        after the few bytes of a character cut by the chunk before (those hold no newline)."""
+        start = exc.start - (len(exc.object) - len(self._latest))
+        return self._lines + self._latest[:max(start, 0)].count(b"\n") + 1
 
 
 def _read_prefix(raw: IO[bytes], size: int) -> tuple[bytes, bool]:
@@ -114,7 +126,7 @@ class CsvInput:
                 raise InvalidInput(f"line {last + 1}: a field is larger than {FIELD_LIMIT // 2**20} MB") from None
             raise InvalidInput(f"line {last + 1}: malformed CSV ({message})") from None
         except UnicodeDecodeError as exc:
-            raise _encoding_hint(exc, f"line {last + 1}") from None
+            raise _encoding_hint(exc, f"line {self._chain.line_of(exc)}") from None
 
     def close(self) -> None:
         if self._close:
@@ -214,7 +226,8 @@ def _open(raw, total, close, encoding, delimiter, source_format, mapping) -> Csv
     _, delim, header_index, _, fmt = best
 
     chain = _Chain(prefix, None if at_eof else raw)
-    text = io.TextIOWrapper(io.BufferedReader(chain, 1 << 16), encoding=encoding, errors="strict", newline="")
+    text = io.TextIOWrapper(chain, encoding=encoding, errors="strict", newline="")  # type: ignore[arg-type]
+    text._CHUNK_SIZE = 1 << 16  # type: ignore[attr-defined]  # bytes per read and decode (8 KB by default)
     reader = csv.reader(text, delimiter=delim, strict=True)
     header: list[str] = []
     try:
