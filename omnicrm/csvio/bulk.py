@@ -137,7 +137,7 @@ def sqlite_bulk_journal(engine: Engine, source: CsvInput) -> Iterator[bool]:
                 try:
                     switched = cur.execute("PRAGMA journal_mode = DELETE").fetchone()[0].lower() == "delete"
                 except sqlite3.OperationalError:  # "database is locked": others have it open
-                    switched = False
+                    pass
                 if switched:
                     cur.execute("PRAGMA synchronous = FULL")
         finally:

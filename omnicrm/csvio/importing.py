@@ -48,7 +48,8 @@ def phone_e164(raw: str, region: str) -> str | None:
 
     ASCII digits with ` ().-` separators take the shortcut when they are +1 and 10 digits (the
     plus first), or (in a NANP region) a 10-digit number or 1 + 10 digits whose area code starts with
-    2-9; libphonenumber answers every other shape (tests compare both on many generated numbers).
+    2-9, or a 7-digit local number starting with 2-9 (no E.164 form without its area code: None);
+    libphonenumber answers every other shape (tests compare both on many generated numbers).
     """
     if raw.isascii():
         number = raw.encode("ascii").translate(None, b" ().-").decode("ascii")
@@ -57,6 +58,8 @@ def phone_e164(raw: str, region: str) -> str | None:
                 size = len(number)
                 if size == 10 and number[0] in "23456789":
                     return "+1" + number
+                if size == 7 and number[0] in "23456789":
+                    return None
                 if size == 11 and number[0] == "1" and number[1] in "23456789":
                     return "+" + number
         elif (raw[0] == "+" and len(number) == 12 and number[1] == "1" and number[2] in "23456789"
