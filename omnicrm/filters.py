@@ -157,8 +157,9 @@ def resolve_tags(session, user_id: int, flt: ContactFilter) -> ContactFilter:
 
 
 def normalise_tag(tag: str) -> str:
-    """Tags are trimmed and case-insensitive (stored lower-case)."""
-    return " ".join(tag.split()).lower()
+    """Tags are trimmed and case-insensitive (stored lower-case). A `;` separates tags in a CSV cell, so
+    inside one tag it becomes `,` (the tag then survives an export and an import)."""
+    return " ".join(tag.replace(";", ",").split()).lower()
 
 
 SORTS = {

@@ -68,14 +68,16 @@ def looks_like_phone(query: str) -> bool:
 @lru_cache(maxsize=4096)
 def to_e164(raw: str, region: str = "US") -> str | None:
     """E.164 form of `raw` when it parses as a possible number, else None (the raw text is kept). A number
-    only possible locally (555-0101 in the US: no area code) has no E.164 form."""
+    only possible locally (555-0101 in the US: no area code) has no E.164 form, nor one with an extension
+    (E.164 has none: the written text, which export writes then, keeps it)."""
     import phonenumbers  # heavy: imported on first use
 
     try:
         number = phonenumbers.parse(raw, region.upper())
     except phonenumbers.NumberParseException:
         return None
-    if phonenumbers.is_possible_number_with_reason(number) != phonenumbers.ValidationResult.IS_POSSIBLE:
+    if number.extension or \
+            phonenumbers.is_possible_number_with_reason(number) != phonenumbers.ValidationResult.IS_POSSIBLE:
         return None
     e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
     # Degenerate numbers ("000000" in DE → +4900000 → +490000) do not survive a second parse: keep the raw

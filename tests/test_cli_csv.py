@@ -245,6 +245,9 @@ def test_round_trip_reproduces_the_same_contacts(cli, tmp_path):
     cli("contacts", "add", "--name", "'=odd quote", "--email", "odd@example.com", "--note", "line 1\nline 2")
     for letter in "yz":  # notes of 120,000+ characters in all: one cell, more than one note may hold
         assert cli("contacts", "note", "odd@example.com", "-", input=letter * 60_000).exit_code == 0
+    # A phone with an extension (no E.164 form: its text is exported) and a tag with a `;` (stored with a `,`).
+    assert cli("contacts", "add", "--name", "Ext", "--email", "ext@example.com", "--phone", "+1 415 555 0102 ext. 5",
+               "--tag", "a;b").exit_code == 0
     first = cli("contacts", "export")
     full = tmp_path / "full.csv"
     full.write_text(first.stdout, encoding="utf-8")
@@ -256,6 +259,10 @@ def test_round_trip_reproduces_the_same_contacts(cli, tmp_path):
     notes = [e["subject"] for e in json.loads(cli("--user", "copy", "contacts", "timeline", "odd@example.com",
                                                    "--format", "json").stdout) if e["kind"] == "note"]
     assert sorted(note[:6] for note in notes) == ["line 1", "zzzzzz"]  # two notes, cut at a line end
+    ext = by_email(exported(cli, "--search", "ext@example"))["ext@example.com"]
+    assert (ext["phone"], ext["tags"]) == (["+1 415 555 0102 ext. 5"], ["a,b"])
+    assert by_email(json.loads(cli("--user", "copy", "contacts", "export", "--format", "json", "--search",
+                                   "ext@example").stdout))["ext@example.com"]["phone"] == ext["phone"]
     # created_at/updated_at are kept, so only the ids may differ
     strip = [line.split(",", 1)[1] for line in first.stdout.splitlines()[1:] if line[:1].isdigit()]
     again = cli("--user", "copy", "contacts", "export").stdout

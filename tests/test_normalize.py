@@ -37,6 +37,7 @@ def test_is_valid_email(value, valid):
     ("06 12 34 56 78", "FR", "+33612345678"),
     ("12", "US", None),
     ("555-0101", "US", None),  # possible only locally (no area code): no E.164 form, the text is kept
+    ("+1 415 555 0102 ext. 5", "US", None),  # E.164 has no extensions: the text keeps it
     ("call me", "US", None),
 ])
 def test_to_e164(raw, region, e164):
