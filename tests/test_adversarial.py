@@ -61,7 +61,8 @@ def test_hostile_text_options_are_stored_literally_and_found(cli):
         assert result.exit_code == 0, (value, result.output)
         record = json.loads(result.stdout)
         assert (record["display_name"], record["company"], record["title"]) == (value, value, value)
-        assert record["notes"] == value and record["tags"] == [" ".join(value.split()).lower()]
+        # tags are normalised: trimmed, lower-cased, and `;` (the CSV cell's separator) becomes `,`
+        assert record["notes"] == value and record["tags"] == [" ".join(value.replace(";", ",").split()).lower()]
         ids[value] = record["id"]
     for value, contact_id in ids.items():
         found = [c["id"] for c in contacts_json(cli, "--search", value)]
@@ -292,7 +293,7 @@ def test_hostile_user_names_tag_renames_fields_and_sorts(cli):
     renamed = cli("--user", user, "tags", "rename", "a'b", "$(id); DROP TABLE tags")
     assert renamed.exit_code == 0, renamed.output
     tags = json.loads(cli("--user", user, "tags", "list", "--format", "json").stdout)
-    assert tags == [{"tag": "$(id); drop table tags", "contacts": 1}]
+    assert tags == [{"tag": "$(id), drop table tags", "contacts": 1}]
     for args, needle in [(("--fields", "id,display_name; DROP TABLE contacts"), "--fields"),
                          (("--sort", "name; DROP TABLE contacts"), "--sort"),
                          (("--order", "asc; DROP TABLE contacts"), "--order")]:

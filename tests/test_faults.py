@@ -62,6 +62,18 @@ def wait_for(predicate, timeout: float = 60, what: str = "condition", proc: subp
         time.sleep(0.02)
 
 
+def kill_when(proc: subprocess.Popen, ready, what: str) -> None:
+    """SIGKILL `proc` once `ready()` holds (waiting for it); the process is gone afterwards either way."""
+    try:
+        wait_for(ready, what=what, proc=proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def no_traceback(stderr: str) -> None:
     """No traceback of ours (an in-process run also captures the fake server's thread noise about
     connections the client gave up on: skipped)."""
@@ -173,17 +185,10 @@ def test_sqlite_bulk_load_killed_mid_import_is_rolled_back(settings, omnicrm_hom
     db_file = omnicrm_home / "omnicrm.db"
     journal = db_file.with_name(db_file.name + "-journal")
     size = db_file.stat().st_size
-    proc = subprocess.Popen([EXE, "contacts", "import", str(big)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: journal.exists() and db_file.stat().st_size > size + 4_000_000,
-                 what="the import's pages in the database file", proc=proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = subprocess.Popen([EXE, "contacts", "import", str(big)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    kill_when(proc, lambda: journal.exists() and db_file.stat().st_size > size + 4_000_000,
+              "the import's pages in the database file")
     assert journal.exists()  # hot: the import's transaction was cut off
     from omnicrm.db import dispose_engines
 
@@ -262,18 +267,10 @@ def test_worker_killed_during_an_import_job_resumes_to_the_same_end_state(db_url
             session.connection(execution_options={"sqlite_read_only": True})
             return session.get(Job, job_id)
 
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([EXE, "worker", "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        wait_for(lambda: job().status == "running", what="the job to start", proc=worker)
-        time.sleep(0.3)  # let it write part of the file (a race with the import itself, not time logic)
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(10)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
-        log.close()
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = subprocess.Popen([EXE, "worker", "--workers", "1"], env=env, stdout=subprocess.DEVNULL, stderr=log)
+        # once the job runs, let it write part of the file (a race with the import itself, not time logic)
+        kill_when(worker, lambda: job().status == "running" and (time.sleep(0.3) or True), "the job to start")
     assert job().status == "running"  # nobody finished it: the lease still names the dead worker
     assert counts(settings)[0] in (0, rows)  # atomic: all or nothing was committed
     from omnicrm.config import now
