@@ -141,6 +141,8 @@ class Extractor:
         self.header = header
         self.format = fmt
         self.width = len(header)
+        # Columns nothing reads (not even `--map COL=ignore`): a native or mapped file's may be typos.
+        self.unread = [name for name, target in zip(header, targets) if name and target is None]
         self.columns: list[tuple[int, str]] = [(i, t) for i, t in enumerate(targets) if t and t != "ignore"
                                                and t != "id"]
         self.first_column: dict[str, str] = {}

@@ -75,6 +75,14 @@ def test_map_option_and_from_override(cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert exported(cli)[0]["company"] == "Acme"
     assert cli("contacts", "import", path, "--map", "Who=colour").exit_code == 2
+    # A native file's column that nothing reads is named (a typo would drop its data silently); trailing empty
+    # cells past the header (spreadsheets write those) are no extra field.
+    native = cli("--user", "typo", "contacts", "import", write(tmp_path, "display_name,emial,company\n"
+                                                                 "Bo,bo@example.com,Acme,,\n", "typo.csv"),
+                 "--format", "json")
+    assert native.exit_code == 0, native.stderr
+    assert "ignored column(s): 'emial'" in native.stderr
+    assert json.loads(native.stdout)["ignored_columns"] == ["emial"] and json.loads(native.stdout)["created"] == 1
     typo = cli("contacts", "import", path, "--map", "Who=name", "--map", "Adress=email")  # no such column
     assert typo.exit_code == 2 and "--map: the file has no column 'adress'" in typo.stderr, typo.stderr
     assert "'Address'" in typo.stderr and len(exported(cli)) == 1
@@ -162,6 +170,10 @@ def test_binary_and_wrong_encoding(cli, tmp_path):
     result = cli("contacts", "import", str(latin))
     assert result.exit_code == 2 and "--encoding" in result.stderr
     assert cli("contacts", "import", str(latin), "--encoding", "cp1252").exit_code == 0
+    bom = tmp_path / "bom.csv"  # UTF-8's byte order mark and another --encoding: refused, not mojibake
+    bom.write_bytes(b"\xef\xbb\xbfdisplay_name,email\nZo\xc3\xab,zoe@example.com\n")
+    result = cli("contacts", "import", str(bom), "--encoding", "cp1252")
+    assert result.exit_code == 2 and "--encoding: the file starts with UTF-8's byte order mark" in result.stderr
     # Far into the file (the text is decoded 64 KB ahead of the rows) the message still names the bad line.
     late = tmp_path / "late.csv"
     late.write_bytes(b"display_name,email\n" + b"".join(f"P{i},p{i}@example.com\n".encode() for i in range(9000))

@@ -163,6 +163,9 @@ def _finish(st, summary, output: str, plan: list[dict]) -> None:
         raise InvalidInput(f"{summary.rejected} invalid row(s) of {summary.rows}; nothing was imported "
                            "(fix them, or pass --skip-invalid to import the valid rows)")
     st.info(summary.line() + f" ({summary.format} format, {summary.rows} rows)")
+    if summary.ignored:
+        st.info(f"ignored column(s): {', '.join(map(repr, summary.ignored))} (--map COL=FIELD reads one, "
+                "--map COL=ignore silences this)")
     if summary.rejected:
         raise PartialSuccess(f"{summary.rejected} row(s) rejected")
 

@@ -110,6 +110,7 @@ class ImportSummary:
     dry_run: bool = False
     atomic: bool = True
     errors: list[RowError] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # columns of a native or mapped file that nothing reads
 
     @property
     def failed(self) -> bool:
@@ -128,7 +129,7 @@ class ImportSummary:
         return {"format": self.format, "rows": self.rows, "created": 0 if failed else self.created,
                 "merged": 0 if failed else self.merged, "skipped": 0 if failed else self.skipped,
                 "rejected": self.rejected, "dry_run": self.dry_run,
-                "written": not self.dry_run and not self.failed,
+                "written": not self.dry_run and not self.failed, "ignored_columns": self.ignored,
                 "errors": [{"line": e.line, "column": e.column, "reason": e.reason} for e in self.errors]}
 
 
@@ -288,7 +289,8 @@ class Importer:
         fmt = source.format
         self.extractor = check_columns(source, options, unneutralise)
         self.summary = ImportSummary(format=fmt or "custom", dry_run=options.dry_run,
-                                     atomic=not options.skip_invalid)
+                                     atomic=not options.skip_invalid,
+                                     ignored=self.extractor.unread if fmt in (None, "native") else [])
         self.on_error, self.on_reject, self.on_progress, self.on_plan = on_error, on_reject, on_progress, on_plan
         self.now = clock_now()
         self.db = BulkDb(session)
@@ -405,6 +407,8 @@ class Importer:
     def _parse(self, record: tuple[int, list[str]]) -> _Row | None:
         line, cells = record
         ext = self.extractor
+        if len(cells) > self.width and is_blank(cells[self.width:]):
+            cells = cells[:self.width]  # a spreadsheet's empty cells past the header's columns: no data
         if len(cells) != self.width:
             if self._skip_blank(cells):
                 return None

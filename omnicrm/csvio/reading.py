@@ -176,7 +176,10 @@ def _open(raw, total, close, encoding, delimiter, source_format, mapping) -> Csv
             codecs.lookup(encoding)
         except LookupError:
             raise InvalidInput(f"--encoding: unknown encoding {encoding!r}") from None
-        if codecs.lookup(encoding).name == "utf-8" and prefix.startswith(codecs.BOM_UTF8):
+        if prefix.startswith(codecs.BOM_UTF8):
+            if codecs.lookup(encoding).name not in ("utf-8", "utf-8-sig"):
+                raise InvalidInput(f"--encoding: the file starts with UTF-8's byte order mark, so it is UTF-8, not "
+                                   f"{encoding}; leave --encoding out")
             encoding = "utf-8-sig"
     elif prefix.startswith(codecs.BOM_UTF8):
         encoding = "utf-8-sig"
