@@ -164,8 +164,9 @@ def _finish(st, summary, output: str, plan: list[dict]) -> None:
                            "(fix them, or pass --skip-invalid to import the valid rows)")
     st.info(summary.line() + f" ({summary.format} format, {summary.rows} rows)")
     if summary.ignored:
-        st.info(f"ignored column(s): {', '.join(map(repr, summary.ignored))} (--map COL=FIELD reads one, "
-                "--map COL=ignore silences this)")
+        shown = ", ".join(map(repr, summary.ignored[:10])) + (f" and {len(summary.ignored) - 10} more"
+                                                               if len(summary.ignored) > 10 else "")
+        st.info(f"ignored column(s): {shown} (--map COL=FIELD reads one, --map COL=ignore silences this)")
     if summary.rejected:
         raise PartialSuccess(f"{summary.rejected} row(s) rejected")
 
