@@ -194,6 +194,9 @@ def describe_db_error(exc: Exception) -> str:
     """One line about a driver error, with no credentials or SQL."""
     orig = getattr(exc, "orig", exc)
     message = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    if message == "database is locked":  # SQLite, after the busy timeout
+        message += (f": another command (an import?) has been writing it for over {SQLITE_BUSY_TIMEOUT_S} s; "
+                    "try again once it has finished")
     return message
 
 

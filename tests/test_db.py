@@ -163,3 +163,14 @@ def test_read_commands_do_not_wait_for_a_sqlite_writer(omnicrm_home, monkeypatch
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+def test_a_lock_timeout_says_what_to_do():
+    """SQLite's bare "database is locked" (after the 30 s busy timeout) gets its likely cause and the remedy."""
+    import sqlite3
+
+    from omnicrm.db import describe_db_error
+
+    message = describe_db_error(sqlite3.OperationalError("database is locked"))
+    assert message.startswith("database is locked: another command") and "try again" in message
+    assert describe_db_error(sqlite3.OperationalError("disk I/O error")) == "disk I/O error"
