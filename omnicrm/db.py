@@ -31,9 +31,10 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def use_wal(cur) -> None:
-    """Switch the database file to WAL: a new one, or one a bulk load left (csvio.bulk.sqlite_bulk_journal).
-    The switch needs an exclusive lock and SQLite reports "database is locked" at once (no busy wait)
-    when processes open a brand-new file together: retry."""
+    """Switch the database file to WAL: a new one, or one a bulk load left (csvio.bulk.sqlite_bulk_journal);
+    and this connection to synchronous NORMAL, WAL's safe level. The switch needs an exclusive lock and
+    SQLite reports "database is locked" at once (no busy wait) when processes open a brand-new file
+    together: retry."""
     import sqlite3
     import time
 
@@ -42,6 +43,7 @@ def use_wal(cur) -> None:
         try:
             if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
                 cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = NORMAL")
             return
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -59,7 +61,6 @@ def _configure_sqlite(engine: Engine) -> None:
         cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
         cur.execute("PRAGMA foreign_keys = ON")
         use_wal(cur)
-        cur.execute("PRAGMA synchronous = NORMAL")
         # Reads through a memory map: no read() call per page for index lookups on big tables.
         cur.execute("PRAGMA mmap_size = 1073741824")
         cur.close()

@@ -148,9 +148,7 @@ def sqlite_bulk_journal(engine: Engine, source: CsvInput) -> Iterator[bool]:
         if switched:
             raw = engine.raw_connection()
             try:
-                cur = raw.driver_connection.cursor()
-                cur.execute("PRAGMA synchronous = NORMAL")
-                use_wal(cur)
+                use_wal(raw.driver_connection.cursor())  # and synchronous NORMAL again
             except sqlite3.OperationalError:  # still locked after the busy timeout: the next connection does it
                 pass
             finally:
