@@ -14,7 +14,7 @@ from omnicrm.errors import InvalidInput, NotFound
 from omnicrm.filters import ContactFilter, apply_filter, normalise_tag, order_by, resolve_tags
 from omnicrm.models import (Contact, ContactEmail, ContactPhone, ContactTag, ExternalLink, Interaction, Note,
                             Tag)
-from omnicrm.normalize import clean_text, is_valid_email, normalise_email, search_text, to_e164
+from omnicrm.normalize import clean_text, is_valid_email, normalise_email, normalise_phone, search_text, to_e164
 from omnicrm.search_index import count_matches
 from omnicrm.score import relationship_score
 
@@ -105,7 +105,7 @@ def add_email(session: Session, contact: Contact, value: str, option: str = "--e
 
 
 def add_phone(contact: Contact, raw: str, region: str) -> bool:
-    raw = raw.strip()
+    raw = normalise_phone(raw)
     if not raw:
         raise InvalidInput("--phone: a phone number cannot be empty")
     if len(raw) > 100:
@@ -211,10 +211,11 @@ def update_contact(session: Session, contact: Contact, *, name: str | None = Non
     for value in add_emails:
         changed |= add_email(session, contact, value)
     for value in remove_phones:
-        e164 = to_e164(value.strip(), region)
-        match = next((p for p in contact.phones if p.raw == value.strip() or (e164 and p.e164 == e164)), None)
+        raw = normalise_phone(value)
+        e164 = to_e164(raw, region)
+        match = next((p for p in contact.phones if p.raw == raw or (e164 and p.e164 == e164)), None)
         if match is None:
-            raise InvalidInput(f"--remove-phone: contact {contact.id} has no phone {value.strip()}")
+            raise InvalidInput(f"--remove-phone: contact {contact.id} has no phone {raw}")
         contact.phones.remove(match)
         changed = True
     for value in add_phones:

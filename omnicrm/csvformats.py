@@ -112,6 +112,7 @@ class RowData:
     notes: str | None = None
     created_at: str | None = None
     updated_at: str | None = None
+    ref: str | None = None  # the `id` column: the contact's id in the database the file was exported from
 
 
 def _split_semicolon(value: str) -> list[str]:
@@ -143,8 +144,7 @@ class Extractor:
         self.width = len(header)
         # Columns nothing reads (not even `--map COL=ignore`): a native or mapped file's may be typos.
         self.unread = [name for name, target in zip(header, targets) if name and target is None]
-        self.columns: list[tuple[int, str]] = [(i, t) for i, t in enumerate(targets) if t and t != "ignore"
-                                               and t != "id"]
+        self.columns: list[tuple[int, str]] = [(i, t) for i, t in enumerate(targets) if t and t != "ignore"]
         self.first_column: dict[str, str] = {}
         for i, target in self.columns:
             self.first_column.setdefault(target, header[i])
@@ -202,6 +202,8 @@ class Extractor:
             row.created_at = found["created_at"][0]
         if get("updated_at"):
             row.updated_at = found["updated_at"][0]
+        if get("id"):
+            row.ref = found["id"][0]
         if not row.display_name and (get("first_name") or get("middle_name") or get("last_name")):
             row.display_name = " ".join(v[0] for v in (get("first_name"), get("middle_name"), get("last_name")) if v)
         notes = get("notes")

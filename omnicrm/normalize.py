@@ -41,6 +41,12 @@ def clean_text(value: str | None) -> str | None:
     return value or None
 
 
+def normalise_phone(raw: str) -> str:
+    """A phone number's text as stored: trimmed; a `;` inside it (say `;ext=2`) becomes `,`, since `;`
+    separates phones in a CSV cell (the number then survives an export and an import)."""
+    return raw.strip().replace(";", ",")
+
+
 def normalise_email(value: str) -> str:
     return value.strip().lower()
 

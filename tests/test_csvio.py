@@ -280,6 +280,54 @@ def test_rows_held_back_as_possible_duplicates_keep_the_file_order(session):
         assert len(list_contacts(session, uid, ContactFilter(search=term)).items) == count, term
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "exact"])
+def test_a_row_of_our_export_is_its_contact_by_id_and_created_at(session, fast):
+    """Read back into the database it came from, a row of our export whose id and created_at are an existing
+    contact's merges into it, email or not (a re-import duplicates nothing). The same id with another
+    created_at, another user's contact and an id that is no number are new contacts."""
+    import csv
+
+    from omnicrm.filters import ContactFilter
+
+    uid, other = user_id(session, "default"), user_id(session, "someone-else")
+    add_contact(session, uid, name="No Email", company="Acme")
+    add_contact(session, other, name="Theirs")
+    session.commit()
+    exported = {}
+    for owner in (uid, other):
+        out = io.StringIO()
+        csvio.export_contacts(session, owner, ContactFilter(), "csv", out)
+        exported[owner] = next(csv.DictReader(io.StringIO(out.getvalue())))
+    mine, theirs = exported[uid], exported[other]
+    rows = [mine | {"tags": "vip", "company": "Other Co"},
+            mine | {"display_name": "Same Id", "created_at": "2020-01-02T03:04:05+00:00"},
+            theirs,
+            mine | {"display_name": "Junk Id", "id": f"x{mine['id']}"}]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(mine))
+    writer.writeheader()
+    writer.writerows(rows)
+    plan: list[dict] = []
+    summary = csvio.import_contacts(session, uid, opened(text.getvalue()), csvio.ImportOptions(),
+                                    **({} if fast else {"on_plan": plan.append}))
+    session.commit()
+    assert (summary.created, summary.merged) == (3, 1)
+    assert [p["action"] for p in plan] == ([] if fast else ["merge", "create", "create", "create"])
+    contacts = session.scalars(select(Contact).where(Contact.user_id == uid).order_by(Contact.id)).all()
+    assert [(c.display_name, c.company) for c in contacts] == [
+        ("No Email", "Acme"), ("Same Id", "Acme"), ("Theirs", None), ("Junk Id", "Acme")]
+    assert [t.name for t in contacts[0].tags] == ["vip"]
+    assert session.scalar(select(func.count()).select_from(Contact).where(Contact.user_id == other)) == 1
+
+    skip = csvio.import_contacts(session, uid, opened(text.getvalue()), csvio.ImportOptions(on_duplicate="skip"))
+    assert (skip.created, skip.merged, skip.skipped) == (3, 0, 1)
+    session.rollback()
+    error = csvio.import_contacts(session, uid, opened(text.getvalue()), csvio.ImportOptions(on_duplicate="error"))
+    session.rollback()
+    assert [(e.line, e.column) for e in error.errors] == [(2, "id")]
+    assert f"contact {mine['id']} already exists" in error.errors[0].reason
+
+
 def test_import_leaves_the_search_index_consistent(session):
     """SQLite: the import pauses the FTS trigger and enlarges FTS5's buffer; both are back afterwards and the
     index matches the table (FTS5 integrity-check). Both engines: later contacts are indexed as usual."""

@@ -64,16 +64,19 @@ def import_(
         "--from", help="auto, native, google, outlook or linkedin (auto: detected from the header).")] = "auto",
     mapping: Annotated[Optional[list[str]], typer.Option(
         "--map", help="Map a column to a field: COL=FIELD (repeatable; FIELD: display_name, first_name, "
-                      "last_name, email, phone, company, title, tags, notes, created_at, ignore).",
+                      "middle_name, last_name, email, phone, company, title, tags, notes, created_at, "
+                      "updated_at, id, ignore).",
         metavar="COL=FIELD")] = None,
     on_duplicate: Annotated[str, typer.Option(
-        "--on-duplicate", help="A row whose email is already known: merge (fill empty fields, add "
+        "--on-duplicate", help="A row whose email is already known (or, read back from our export, whose "
+                               "id and created_at are a contact's): merge (fill empty fields, add "
                                "emails/phones/tags), skip, or error.")] = "merge",
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="Import the valid rows and reject the others (exit 4) instead of importing "
                                "nothing (exit 2).")] = False,
     rejects: Annotated[Optional[str], typer.Option(
-        "--rejects", help="With --skip-invalid: write rejected rows (original columns + error) here.",
+        "--rejects", help="With --skip-invalid: write rejected rows (original columns + error) here "
+                          "(not with --dry-run, which writes nothing).",
         metavar="FILE")] = None,
     dry_run: DryRunOpt = False,
     encoding: Annotated[Optional[str], typer.Option(
@@ -122,12 +125,12 @@ def import_(
     rejects_writer = None
     plan: list[dict] = []
     try:
-        if skip_invalid and rejects:
+        if skip_invalid and rejects and not dry_run:  # a dry run writes nothing; its plan lists the rejects
             try:
                 rejects_writer = csvio.RejectsWriter(rejects, source.header)
             except OSError as exc:
                 raise InvalidInput(f"--rejects: cannot write {rejects}: {exc.strerror}") from None
-        report_rows = not (skip_invalid and rejects)
+        report_rows = rejects_writer is None
         progress = _progress(st, source)
         with csvio.sqlite_bulk_journal(ready_engine(st.settings), source), st.session() as session:
             uid = st.user_id(session)
@@ -148,6 +151,8 @@ def import_(
         source.close()
         if rejects_writer:
             rejects_writer.close()
+    if dry_run and rejects:
+        st.info(f"dry run: {rejects} was not written")
     _finish(st, summary, output, plan)
 
 

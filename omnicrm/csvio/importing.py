@@ -22,7 +22,7 @@ from omnicrm.csvio.forked import Forked
 from omnicrm.csvio.reading import BYTES_PER_ROW, CsvInput, is_blank, open_csv
 from omnicrm.errors import InvalidInput
 from omnicrm.filters import normalise_tag
-from omnicrm.normalize import is_valid_email, search_text, to_e164
+from omnicrm.normalize import is_valid_email, normalise_phone, search_text, to_e164
 
 IMPORT_BATCH = 5000
 DEFER_LIMIT = 20_000  # rows that may merge, held back by a fast import until this many (or the end)
@@ -172,6 +172,7 @@ class _Row(NamedTuple):
     updated_at: datetime | None
     search: str  # the search text if the row becomes a new contact (computed by the reader)
     slot: int  # the row's place among the batch's valid rows (a fast import reserves a contact id for each)
+    ref: int | None  # the row's `id`, when it has created_at too: it may be that existing contact (our export)
 
 
 class _SeenEmails:
@@ -194,6 +195,20 @@ class _SeenEmails:
             else:
                 bits[h >> 3] |= 1 << (h & 7)
         return met
+
+
+class _KnownIds:
+    """The ids of the user's contacts as a bitmap, for a fast import of a file with an `id` column: a row whose
+    id is one of them may be that contact (our own export read back), and takes the exact path."""
+
+    def __init__(self, ids: Iterable[int]):
+        ids = list(ids)
+        self.bits = bytearray((max(ids, default=0) >> 3) + 1)
+        for cid in ids:
+            self.bits[cid >> 3] |= 1 << (cid & 7)
+
+    def __contains__(self, cid: int) -> bool:
+        return (cid >> 3) < len(self.bits) and bool(self.bits[cid >> 3] & (1 << (cid & 7)))
 
 
 class _Fresh:
@@ -301,7 +316,8 @@ class Importer:
         self.keep_cells = on_reject is not None  # original cells are only needed for the rejects file
         self._pending_rejects: list[tuple] = []
         self._blank_rows = 0
-        self.seen: _SeenEmails | None = None  # set for a fast import (see _seen_emails)
+        self.seen: _SeenEmails | None = None  # set for a fast import (see _fast_path)
+        self.known_ids = _KnownIds(())  # the user's contact ids, for a fast import of a file with ids
         self.fresh: _Fresh | None = None  # the batch's new contacts, while a fast import parses it
         self.deferred: list[_Row] = []
         self.reserved: dict[int, int] = {}  # line of a held-back row -> the contact id it gets if it is new
@@ -398,10 +414,11 @@ class Importer:
     # -- one batch ------------------------------------------------------------------------------
     def _batch(self, rows: list[_Row]) -> None:
         owners = self._owners(rows)
-        index = self._load_targets(set(owners.values()))
+        same = self._same_contacts(rows)
+        index = self._load_targets(set(owners.values()) | set(same.values()))
         touched: list[_Target] = []
         for row in rows:
-            self._apply(row, owners, index, touched)
+            self._apply(row, owners, same, index, touched)
         self._write(touched)
 
     def _parse(self, record: tuple[int, list[str]]) -> _Row | None:
@@ -453,6 +470,8 @@ class Importer:
             if len(raw) > PHONE_MAX:
                 errors.append((ext.column_of("phone"), f"a phone number is longer than {PHONE_MAX} characters"))
                 continue
+            if ";" in raw:  # (Google's ` ::: ` cells; a native cell's `;` has split it already)
+                raw = normalise_phone(raw)
             e164 = phone_e164(raw, self.region)
             if not phones or not any((e164 and e == e164) or r == raw for r, e in phones):
                 phones.append((raw, e164))
@@ -472,6 +491,9 @@ class Importer:
             updated = _timestamp(data.updated_at)
             if updated is None:
                 errors.append((ext.column_of("updated_at"), f"{data.updated_at[:40]!r} is not an ISO 8601 timestamp"))
+        ref = None
+        if data.ref and created is not None and data.ref.isascii() and data.ref.isdigit():
+            ref = int(data.ref)
         if not data.display_name and not data.emails:
             if self._skip_blank(cells):
                 return None
@@ -484,14 +506,14 @@ class Importer:
         name, company, title = data.display_name, data.company, data.title
         search = search_text(name, company, emails, phones)
         slot, self._slots = self._slots, self._slots + 1
-        if self.fresh is not None and not self.seen.add(emails):  # certainly a new contact
+        if self.fresh is not None and not self.seen.add(emails) and (ref is None or ref not in self.known_ids):  # certainly new
             ts, now_ts = self.db.ts, self.now_ts
             created_ts = ts(created) if created else now_ts
             self.fresh.add(slot, name, company, title, notes, emails, phones, tags, created_ts,
                            ts(updated) if updated else created_ts, now_ts if notes else None, search)
             return None
         return _Row(line, cells if self.keep_cells else None, name, company, title, notes, emails, phones, tags,
-                    created, updated, search, slot)
+                    created, updated, search, slot, ref)
 
     def _owners(self, rows: list[_Row]) -> dict[str, int]:
         """Existing contacts (this user's) owning any email of the batch."""
@@ -500,8 +522,18 @@ class Importer:
                                   (self.user_id,), emails)
         return dict(found)
 
-    def _load_targets(self, ids: set[int]) -> dict[str, _Target]:
-        """Existing contacts that rows of this batch merge into, indexed by each of their emails."""
+    def _same_contacts(self, rows: list[_Row]) -> dict[int, int]:
+        """Rows that are an existing contact of this user, read back from our export (the row's id and
+        created_at are the contact's), as {line: contact id}."""
+        refs = sorted({row.ref for row in rows if row.ref is not None})
+        if not refs:
+            return {}
+        created = {cid: _aware(at) for cid, at in self.db.select_in(
+            "SELECT id, created_at FROM contacts WHERE +user_id = ? AND id IN_LIST", (self.user_id,), refs)}
+        return {row.line: row.ref for row in rows if row.ref is not None and created.get(row.ref) == row.created_at}
+
+    def _load_targets(self, ids: set[int]) -> dict[str | int, _Target]:
+        """Existing contacts that rows of this batch merge into, indexed by each of their emails and their id."""
         if not ids:
             return {}
         db, uid, id_list = self.db, self.user_id, sorted(ids)
@@ -530,15 +562,17 @@ class Importer:
         for cid, body in db.select_in("SELECT contact_id, body FROM notes WHERE +user_id = ? AND contact_id IN_LIST",
                                       (uid,), id_list):
             targets[cid].notes.append(body)
-        index: dict[str, _Target] = {}
+        index: dict[str | int, _Target] = dict(targets)
         for t in targets.values():
             t.n_emails, t.n_phones, t.n_tags, t.n_notes = len(t.emails), len(t.phones), len(t.tags), len(t.notes)
             for email in t.emails:
                 index[email] = t
         return index
 
-    def _apply(self, row: _Row, owners: dict[str, int], index: dict[str, _Target], touched: list[_Target]) -> None:
-        target = next((index[e] for e in row.emails if e in index), None)
+    def _apply(self, row: _Row, owners: dict[str, int], same: dict[int, int], index: dict[str | int, _Target],
+               touched: list[_Target]) -> None:
+        ref = same.get(row.line)
+        target = index[ref] if ref is not None else next((index[e] for e in row.emails if e in index), None)
         if target is None:
             t = _Target(id=self.reserved.pop(row.line, None), name=row.name, company=row.company, title=row.title,
                         line=row.line,
@@ -562,6 +596,10 @@ class Importer:
             self._plan(row, "skip", target)
             return
         if mode == "error":
+            if ref is not None:
+                self._reject(row.line, row.cells, [(self.extractor.column_of("id"), f"contact {ref} already "
+                                                    "exists (same id and created_at; --on-duplicate error)")])
+                return
             where = (f"contact {target.id}" if target.id is not None else f"the row on line {target.line}")
             email = next(e for e in row.emails if e in index)
             self._reject(row.line, row.cells, [(self.extractor.column_of("email"),
@@ -602,9 +640,10 @@ class Importer:
 
     def _plan(self, row: _Row, action: str, target: _Target) -> None:
         if self.on_plan:
+            into = target.name or (target.emails[0] if target.emails else f"contact {target.id}")
             self.on_plan({"line": row.line, "action": action, "contact_id": None if target.new else target.id,
                           "display_name": row.name, "email": row.emails[0] if row.emails else None,
-                          "detail": None if target.new else f"into {target.name or target.emails[0]}"})
+                          "detail": None if target.new else f"into {into}"})
 
     # -- writing --------------------------------------------------------------------------------
     def _write(self, touched: list[_Target]) -> None:
@@ -765,7 +804,7 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
         # first one's contacts (and merges into them) instead of failing on the unique email index.
         # SQLite gets the same from BEGIN IMMEDIATE.
         db.cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (IMPORT_LOCK_KEY, user_id))
-    importer.seen = _seen_emails(importer)
+    _fast_path(importer)
     if db.pg:
         bulk = PgBulkLoad.start(db, source, fast=importer.seen is not None)
         with _fewer_gc_passes():
@@ -798,16 +837,25 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
     return summary
 
 
-def _seen_emails(importer: Importer) -> _SeenEmails | None:
-    """The bitmap of a fast import, holding the user's emails; None (every row is looked up) for a user with
-    many more emails than the file has rows, for --on-duplicate error (its message names the row a duplicate
+def _fast_path(importer: Importer) -> None:
+    """Sets up a fast import: the bitmap of the user's emails (importer.seen) and, for a file with an `id`
+    column, of their contact ids. No fast import (every row is looked up) for a user with many more emails or
+    contacts than the file has rows, for --on-duplicate error (its message names the row a duplicate
     repeats) and for a dry run's plan (which names the contacts rows merge into)."""
     if importer.opts.on_duplicate == "error" or importer.on_plan:
-        return None
+        return
+    db, uid = importer.db, importer.user_id
     limit = max(FAST_MIN_EMAILS, (importer.source.total_bytes or 0) // BYTES_PER_ROW)
-    emails = [email for (email,) in importer.db.query(
-        "SELECT email FROM contact_emails WHERE user_id = ? LIMIT ?", (importer.user_id, limit + 1))]
-    return _SeenEmails(importer.opts.seen_bits, emails) if len(emails) <= limit else None
+    emails = [email for (email,) in db.query("SELECT email FROM contact_emails WHERE user_id = ? LIMIT ?",
+                                             (uid, limit + 1))]
+    if len(emails) > limit:
+        return
+    if "id" in importer.extractor.first_column:
+        ids = [cid for (cid,) in db.query("SELECT id FROM contacts WHERE user_id = ? LIMIT ?", (uid, limit + 1))]
+        if len(ids) > limit:
+            return
+        importer.known_ids = _KnownIds(ids)
+    importer.seen = _SeenEmails(importer.opts.seen_bits, emails)
 
 
 # --- background import (a job) ------------------------------------------------------------------------
