@@ -207,8 +207,8 @@ class _KnownIds:
         for cid in ids:
             self.bits[cid >> 3] |= 1 << (cid & 7)
 
-    def __contains__(self, cid: int) -> bool:
-        return (cid >> 3) < len(self.bits) and bool(self.bits[cid >> 3] & (1 << (cid & 7)))
+    def __contains__(self, cid: int | None) -> bool:
+        return cid is not None and (cid >> 3) < len(self.bits) and bool(self.bits[cid >> 3] & (1 << (cid & 7)))
 
 
 class _Fresh:
@@ -506,7 +506,7 @@ class Importer:
         name, company, title = data.display_name, data.company, data.title
         search = search_text(name, company, emails, phones)
         slot, self._slots = self._slots, self._slots + 1
-        if self.fresh is not None and not self.seen.add(emails) and (ref is None or ref not in self.known_ids):  # certainly new
+        if self.fresh is not None and not self.seen.add(emails) and ref not in self.known_ids:  # certainly new
             ts, now_ts = self.db.ts, self.now_ts
             created_ts = ts(created) if created else now_ts
             self.fresh.add(slot, name, company, title, notes, emails, phones, tags, created_ts,
