@@ -39,6 +39,21 @@ class BulkDb:
         self.cur.execute(sql.replace("?", self.mark), params)
         return self.cur.fetchall()
 
+    def stream(self, sql: str, params=()) -> Iterator[tuple]:
+        """The rows of a big result one by one, never all in memory (PostgreSQL: a server-side cursor)."""
+        cur = self.raw.cursor(name="omnicrm_stream") if self.pg else self.raw.cursor()
+        try:
+            cur.execute(sql.replace("?", self.mark), params)
+            while rows := cur.fetchmany(10_000):
+                yield from rows
+        finally:
+            cur.close()
+
+    def count_upto(self, table: str, user_id: int, limit: int) -> int:
+        """The user's rows in `table`, counted up to `limit`."""
+        return self.query(f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE user_id = ? LIMIT ?) AS t",
+                          (user_id, limit))[0][0]
+
     def select_in(self, sql: str, head: tuple, values: list) -> list[tuple]:
         """`sql` has one `IN_LIST` placeholder for `values`, after the `head` parameters.
 

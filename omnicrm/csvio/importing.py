@@ -202,10 +202,11 @@ class _KnownIds:
     id is one of them may be that contact (our own export read back), and takes the exact path."""
 
     def __init__(self, ids: Iterable[int]):
-        ids = list(ids)
-        self.bits = bytearray((max(ids, default=0) >> 3) + 1)
+        self.bits = bits = bytearray()
         for cid in ids:
-            self.bits[cid >> 3] |= 1 << (cid & 7)
+            if cid >> 3 >= len(bits):
+                bits.extend(bytes((cid >> 3) + 1 - len(bits)))
+            bits[cid >> 3] |= 1 << (cid & 7)
 
     def __contains__(self, cid: int | None) -> bool:
         return cid is not None and (cid >> 3) < len(self.bits) and bool(self.bits[cid >> 3] & (1 << (cid & 7)))
@@ -804,8 +805,7 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
         # first one's contacts (and merges into them) instead of failing on the unique email index.
         # SQLite gets the same from BEGIN IMMEDIATE.
         db.cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (IMPORT_LOCK_KEY, user_id))
-    _fast_path(importer)
-    if db.pg:
+        _fast_path(importer)
         bulk = PgBulkLoad.start(db, source, fast=importer.seen is not None)
         with _fewer_gc_passes():
             importer.run()
@@ -826,6 +826,7 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
     # back to what they were after.
     pragmas = sqlite_pragmas(db.cur, cache_size=-32768, mmap_size=0)
     try:
+        _fast_path(importer)
         bulk = SqliteBulkLoad.start(db, source)
         with _fewer_gc_passes():
             importer.run()
@@ -846,16 +847,14 @@ def _fast_path(importer: Importer) -> None:
         return
     db, uid = importer.db, importer.user_id
     limit = max(FAST_MIN_EMAILS, (importer.source.total_bytes or 0) // BYTES_PER_ROW)
-    emails = [email for (email,) in db.query("SELECT email FROM contact_emails WHERE user_id = ? LIMIT ?",
-                                             (uid, limit + 1))]
-    if len(emails) > limit:
+    with_ids = "id" in importer.extractor.first_column
+    if db.count_upto("contact_emails", uid, limit + 1) > limit or (
+            with_ids and db.count_upto("contacts", uid, limit + 1) > limit):
         return
-    if "id" in importer.extractor.first_column:
-        ids = [cid for (cid,) in db.query("SELECT id FROM contacts WHERE user_id = ? LIMIT ?", (uid, limit + 1))]
-        if len(ids) > limit:
-            return
-        importer.known_ids = _KnownIds(ids)
-    importer.seen = _SeenEmails(importer.opts.seen_bits, emails)
+    if with_ids:
+        importer.known_ids = _KnownIds(cid for (cid,) in db.stream("SELECT id FROM contacts WHERE user_id = ?", (uid,)))
+    importer.seen = _SeenEmails(importer.opts.seen_bits, (email for (email,) in db.stream(
+        "SELECT email FROM contact_emails WHERE user_id = ?", (uid,))))
 
 
 # --- background import (a job) ------------------------------------------------------------------------
