@@ -169,7 +169,7 @@ def main() -> int:
         for i, path in enumerate(todo):
             left = BUDGET_S - (time.perf_counter() - started)
             # What is left, shared by what remains; never less than a minute so that a slow one can finish.
-            timeout = max(60.0, left / (len(todo) - i) * 1.5 if i < len(todo) - 1 else left)
+            timeout = max(60.0, left / (len(todo) - i) * 2 if i < len(todo) - 1 else left)
             runs.append(run(path, args.quick, timeout))
     total = time.perf_counter() - started if runs else None
     DOC.parent.mkdir(exist_ok=True)

@@ -256,8 +256,9 @@ class PgBulkLoad:
     For the import the contact tables' foreign keys and their indexes are dropped inside the import's
     transaction and created again before the commit (`restore`): one sort per index and one join per
     foreign key. Primary keys stay; so do the unique email index and the contact_id indexes, which the
-    import reads, unless it is a fast import (which reads them only after `restore`). DDL is
-    transactional, so a failed or rolled-back import gets everything back. The cost: until the import
+    import reads, unless it is a fast import, which reads them only after `restore`, or after
+    `restore_lookups` if it must merge held-back rows earlier (a file repeating many emails it knows). DDL
+    is transactional, so a failed or rolled-back import gets everything back. The cost: until the import
     commits, other sessions that touch these tables wait for it (the drop takes an exclusive lock), so this
     only happens for a bulk load (is_bulk_load)."""
 
@@ -265,8 +266,10 @@ class PgBulkLoad:
     INDEXED = TABLES[:4]  # notes and interactions keep their indexes (few notes; many synced emails)
     MAINTENANCE_MEMORY = "256MB"  # server memory for each index build (SET LOCAL: this transaction only)
 
-    def __init__(self, db: BulkDb, indexes: list[str], constraints: list[tuple[str, str, str]]):
-        self.db, self.indexes, self.constraints = db, indexes, constraints
+    def __init__(self, db: BulkDb, lookups: list[str], rest: list[str]):
+        self.db = db
+        self.lookups = lookups  # (fast) what looking rows up needs: the unique email index, contact_id indexes
+        self.rest = rest  # the other indexes, then the foreign keys
 
     @classmethod
     def start(cls, db: BulkDb, source: CsvInput, fast: bool) -> "PgBulkLoad | None":
@@ -291,12 +294,26 @@ class PgBulkLoad:
         for name, _ in indexes:
             db.cur.execute(f"DROP INDEX {name}")
         db.exclusive.update(tables)
-        return cls(db, [sql for _, sql in indexes], constraints)
+        adds = [(d.startswith("UNIQUE"), f'ALTER TABLE {t} ADD CONSTRAINT "{n}" {d}') for t, n, d in constraints]
+        lookups = [sql for unique, sql in adds if unique] + [sql for _, sql in indexes if re.search(
+            r"\(\s*contact_id\b", sql)]
+        rest = [sql for _, sql in indexes if sql not in lookups] + [sql for unique, sql in adds if not unique]
+        return cls(db, lookups, rest)
+
+    def restore_lookups(self) -> None:
+        """Build what looking rows up needs now, with fresh statistics, instead of every lookup of the
+        held-back rows scanning the tables (a re-import of a 1M-row export: minutes a batch)."""
+        if self.lookups:
+            self._build(self.lookups)
+            self.lookups = []
+            self.db.cur.execute(f"ANALYZE {', '.join(self.INDEXED)}")
 
     def restore(self) -> None:
+        self._build(self.lookups + self.rest)
+        self.lookups = self.rest = []
+
+    def _build(self, statements: list[str]) -> None:
         cur = self.db.cur
         cur.execute(f"SET LOCAL maintenance_work_mem = '{self.MAINTENANCE_MEMORY}'")
-        for sql in self.indexes:
+        for sql in statements:
             cur.execute(sql)
-        for table, name, definition in self.constraints:  # the unique one first: foreign keys do not need it
-            cur.execute(f'ALTER TABLE {table} ADD CONSTRAINT "{name}" {definition}')

@@ -80,6 +80,7 @@ class ImportOptions:
     region: str = "US"
     batch_size: int = IMPORT_BATCH
     seen_bits: int = 1 << 28  # the size (a power of two) of a fast import's bitmap of emails (_SeenEmails): 32 MB
+    defer_limit: int = DEFER_LIMIT
 
     def validate(self) -> "ImportOptions":
         if self.source_format not in ("auto", *formats.FORMATS):
@@ -322,6 +323,7 @@ class Importer:
         self.fresh: _Fresh | None = None  # the batch's new contacts, while a fast import parses it
         self.deferred: list[_Row] = []
         self.reserved: dict[int, int] = {}  # line of a held-back row -> the contact id it gets if it is new
+        self.before_early_merge: Callable[[], None] = lambda: None  # (PgBulkLoad.restore_lookups)
 
     # -- driving --------------------------------------------------------------------------------
     def run(self) -> ImportSummary:
@@ -341,7 +343,8 @@ class Importer:
                 for row in parsed.rows:
                     self.reserved[row.line] = ids[row.slot]
                 self.deferred += parsed.rows
-                if len(self.deferred) >= DEFER_LIMIT:
+                if len(self.deferred) >= self.opts.defer_limit:
+                    self.before_early_merge()
                     self.flush_deferred()
             if self.on_progress:
                 self.on_progress(parsed.consumed)
@@ -807,6 +810,8 @@ def import_contacts(session: Session, user_id: int, source: CsvInput, options: I
         db.cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (IMPORT_LOCK_KEY, user_id))
         _fast_path(importer)
         bulk = PgBulkLoad.start(db, source, fast=importer.seen is not None)
+        if bulk:
+            importer.before_early_merge = bulk.restore_lookups
         with _fewer_gc_passes():
             importer.run()
             if not summary.dry_run and not summary.failed:  # otherwise the caller rolls back (the drop too)
