@@ -73,39 +73,55 @@ def _json_value(value: Any) -> Any:
 def write_records(records: Iterable[dict], fields: list[str], fmt: str, stream: IO[str] | None = None,
                   *, csv_safe: bool = True) -> int:
     """Write `records` (dicts) restricted to `fields` in `fmt`; returns how many were written."""
-    out = stream or sys.stdout
-    count = 0
-    if fmt == "csv":
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(fields)
-        for record in records:
+    writer = RecordWriter(fields, fmt, stream, csv_safe=csv_safe)
+    for record in records:
+        writer.write(record)
+    return writer.close()
+
+
+class RecordWriter:
+    """write_records a record at a time, for records that come from callbacks (an import's plan). A table
+    is written at `close` (its column widths need every row); the other formats as they come."""
+
+    def __init__(self, fields: list[str], fmt: str, stream: IO[str] | None = None, *, csv_safe: bool = True):
+        self.fields, self.fmt, self.out, self.csv_safe = fields, fmt, stream or sys.stdout, csv_safe
+        self.count = 0
+        self.rows: list[list[str]] = []  # a table's rows until close
+        if fmt == "csv":
+            self.csv = csv.writer(self.out, lineterminator="\n")
+            self.csv.writerow(fields)
+        elif fmt == "json":
+            self.out.write("[")
+
+    def write(self, record: dict) -> None:
+        fields, fmt, out = self.fields, self.fmt, self.out
+        if fmt == "csv":
             cells = [_cell(record.get(f)) for f in fields]
-            if csv_safe:
+            if self.csv_safe:
                 cells = [neutralise(c) for c in cells]
             if any("\r" in c and "\n" not in c for c in cells):
                 out.write(_csv_line(cells))
             else:
-                writer.writerow(cells)
-            count += 1
-    elif fmt == "jsonl":
-        for record in records:
+                self.csv.writerow(cells)
+        elif fmt == "jsonl":
             out.write(json.dumps({f: _json_value(record.get(f)) for f in fields}, ensure_ascii=False) + "\n")
-            count += 1
-    elif fmt == "json":
-        out.write("[")
-        for record in records:
-            out.write(",\n" if count else "\n")
+        elif fmt == "json":
+            out.write(",\n" if self.count else "\n")
             out.write(json.dumps({f: _json_value(record.get(f)) for f in fields}, ensure_ascii=False))
-            count += 1
-        out.write("\n]\n" if count else "]\n")
-    else:
-        from tabulate import tabulate
+        else:
+            self.rows.append([_table_cell(record.get(f)) for f in fields])
+        self.count += 1
 
-        rows = [[_table_cell(record.get(f)) for f in fields] for record in records]
-        count = len(rows)
-        if rows:
-            out.write(tabulate(rows, headers=fields, tablefmt="simple", disable_numparse=True) + "\n")
-    return count
+    def close(self) -> int:
+        """Finish the output; returns how many records were written."""
+        if self.fmt == "json":
+            self.out.write("\n]\n" if self.count else "]\n")
+        elif self.fmt not in ("csv", "jsonl") and self.rows:
+            from tabulate import tabulate
+
+            self.out.write(tabulate(self.rows, headers=self.fields, tablefmt="simple", disable_numparse=True) + "\n")
+            self.rows = []
+        return self.count
 
 
 def write_rows(header: list[str] | None, batches: Iterable[list[list]], stream: IO[str] | None = None) -> int:

@@ -235,6 +235,21 @@ def test_dry_run_writes_nothing_and_lists_outcomes(cli, tmp_path):
     assert f"dry run: {rejects} was not written" in result.stderr
 
 
+def test_dry_run_plan_of_several_batches_is_in_file_order(cli, tmp_path):
+    """The plan is written batch by batch as the import goes (not held in memory): still one entry a row, in
+    file order, also where rejected rows (found first in each batch) and applied rows alternate."""
+    rows = "".join(f"P{i},{'bad@' if i % 997 == 0 else f'p{i}@example.com'}\n" for i in range(12_000))
+    path = write(tmp_path, "display_name,email\n" + rows)
+    result = cli("contacts", "import", path, "--dry-run", "--skip-invalid", "--format", "jsonl")
+    assert result.exit_code == 4
+    plan = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [p["line"] for p in plan] == list(range(2, 12_002))
+    assert [p["line"] for p in plan if p["action"] == "reject"] == [i + 2 for i in range(0, 12_000, 997)]
+    table = cli("contacts", "import", path, "--dry-run", "--skip-invalid")
+    assert table.stdout.splitlines()[0].split() == ["line", "action", "contact_id", "display_name", "email", "detail"]
+    assert len(table.stdout.splitlines()) == 12_002
+
+
 # --- export --------------------------------------------------------------------------------------------
 
 def test_export_formula_guard_filters_and_output_file(cli, tmp_path):

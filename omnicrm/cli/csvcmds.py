@@ -123,7 +123,7 @@ def import_(
     source = csvio.open_csv(file, encoding=encoding, delimiter=delimiter, source_format=source_format,
                             mapping=mapped)
     rejects_writer = None
-    plan: list[dict] = []
+    plan = _Plan(output) if dry_run and output != "json" else None
     try:
         if skip_invalid and rejects and not dry_run:  # a dry run writes nothing; its plan lists the rejects
             try:
@@ -132,6 +132,11 @@ def import_(
                 raise InvalidInput(f"--rejects: cannot write {rejects}: {exc.strerror}") from None
         report_rows = rejects_writer is None
         progress = _progress(st, source)
+
+        def on_progress(done: int) -> None:
+            if plan:
+                plan.flush()  # a batch is done
+            progress.update(done)
         with csvio.sqlite_bulk_journal(ready_engine(st.settings), source), st.session() as session:
             uid = st.user_id(session)
             try:
@@ -139,8 +144,8 @@ def import_(
                     session, uid, source, options,
                     on_error=(lambda e: progress.echo(str(e))) if report_rows else None,
                     on_reject=rejects_writer.write if rejects_writer else None,
-                    on_progress=progress.update,
-                    on_plan=plan.append if dry_run and output != "json" else None)
+                    on_progress=on_progress,
+                    on_plan=plan.add if plan else None)
             finally:
                 progress.close()
             if summary.failed or dry_run:
@@ -156,14 +161,13 @@ def import_(
     _finish(st, summary, output, plan)
 
 
-def _finish(st, summary, output: str, plan: list[dict]) -> None:
-    from omnicrm.output import write_object, write_records
+def _finish(st, summary, output: str, plan: "_Plan | None") -> None:
+    from omnicrm.output import write_object
 
     if output == "json":
         write_object(summary.as_dict(), "json")
-    elif summary.dry_run:
-        plan.sort(key=lambda entry: entry["line"])  # rejects are found before a batch is applied
-        write_records(plan, PLAN_FIELDS, output)
+    elif plan:
+        plan.close()
     if summary.failed:
         raise InvalidInput(f"{summary.rejected} invalid row(s) of {summary.rows}; nothing was imported "
                            "(fix them, or pass --skip-invalid to import the valid rows)")
@@ -198,6 +202,30 @@ def _submit(st, file: str, options, encoding, delimiter, rejects, output: str) -
         typer.echo(job.id)
     st.info(f"queued import job {job.id}; run `omnicrm worker` to process it, `omnicrm jobs show {job.id}` "
             "to follow it")
+
+
+class _Plan:
+    """A dry run's row-by-row plan, written as the import goes (a million rows' plan is not held in memory):
+    a batch's entries are sorted by line, since its rejected rows are found before the others are applied."""
+
+    def __init__(self, output: str):
+        from omnicrm.output import RecordWriter
+
+        self.writer = RecordWriter(PLAN_FIELDS, output)
+        self.pending: list[dict] = []
+
+    def add(self, entry: dict) -> None:
+        self.pending.append(entry)
+
+    def flush(self) -> None:
+        self.pending.sort(key=lambda entry: entry["line"])
+        for entry in self.pending:
+            self.writer.write(entry)
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
 
 
 class _Progress:
