@@ -81,19 +81,26 @@ def write_records(records: Iterable[dict], fields: list[str], fmt: str, stream: 
 
 class RecordWriter:
     """write_records a record at a time, for records that come from callbacks (an import's plan). A table
-    is written at `close` (its column widths need every row); the other formats as they come."""
+    is written at `close` (its column widths need every row); the other formats as they come. Nothing is
+    written before the first record or `close` (a command that fails before either prints no header)."""
 
     def __init__(self, fields: list[str], fmt: str, stream: IO[str] | None = None, *, csv_safe: bool = True):
         self.fields, self.fmt, self.out, self.csv_safe = fields, fmt, stream or sys.stdout, csv_safe
         self.count = 0
         self.rows: list[list[str]] = []  # a table's rows until close
-        if fmt == "csv":
-            self.csv = csv.writer(self.out, lineterminator="\n")
-            self.csv.writerow(fields)
-        elif fmt == "json":
+        self.csv = csv.writer(self.out, lineterminator="\n") if fmt == "csv" else None
+        self.started = False
+
+    def _start(self) -> None:
+        self.started = True
+        if self.csv:
+            self.csv.writerow(self.fields)
+        elif self.fmt == "json":
             self.out.write("[")
 
     def write(self, record: dict) -> None:
+        if not self.started:
+            self._start()
         fields, fmt, out = self.fields, self.fmt, self.out
         if fmt == "csv":
             cells = [_cell(record.get(f)) for f in fields]
@@ -114,6 +121,8 @@ class RecordWriter:
 
     def close(self) -> int:
         """Finish the output; returns how many records were written."""
+        if not self.started:
+            self._start()
         if self.fmt == "json":
             self.out.write("\n]\n" if self.count else "]\n")
         elif self.fmt not in ("csv", "jsonl") and self.rows:

@@ -233,6 +233,8 @@ def test_dry_run_writes_nothing_and_lists_outcomes(cli, tmp_path):
     result = cli("contacts", "import", path, "--dry-run", "--skip-invalid", "--rejects", str(rejects))
     assert result.exit_code == 4 and "reject" in result.stdout and not rejects.exists()
     assert f"dry run: {rejects} was not written" in result.stderr
+    unmapped = cli("contacts", "import", write(tmp_path, "Colour\nred\n"), "--dry-run", "--format", "csv")
+    assert unmapped.exit_code == 2 and unmapped.stdout == ""  # no plan header before the error
 
 
 def test_dry_run_plan_of_several_batches_is_in_file_order(cli, tmp_path):
