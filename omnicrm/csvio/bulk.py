@@ -282,22 +282,25 @@ class PgBulkLoad:
                                "FROM pg_constraint WHERE conrelid = ANY(?::regclass[]) "
                                "AND (contype = 'f' OR (? AND contype = 'u' AND conrelid = 'contact_emails'::regclass)) "
                                "ORDER BY contype DESC, 1, 2", (tables, fast))
-        # The contact tables' other indexes (those on contact_id only when fast).
-        indexes = [(name, sql) for name, sql in db.query(
-            "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i "
-            "WHERE i.indrelid = ANY(?::regclass[]) AND NOT i.indisprimary "
-            "AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid) ORDER BY 1",
-            (list(cls.INDEXED),))
-            if fast or not re.search(r"\(\s*contact_id\b", sql)]
+        # The contact tables' other indexes, as (name, definition, on contact_id); those on contact_id only when
+        # fast (the others' lookups read them).
+        indexes = []
+        for name, sql in db.query(
+                "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i "
+                "WHERE i.indrelid = ANY(?::regclass[]) AND NOT i.indisprimary "
+                "AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid) ORDER BY 1",
+                (list(cls.INDEXED),)):
+            on_contact = bool(re.search(r"\(\s*contact_id\b", sql))
+            if fast or not on_contact:
+                indexes.append((name, sql, on_contact))
         for table, name, _ in constraints:
             db.cur.execute(f'ALTER TABLE {table} DROP CONSTRAINT "{name}"')
-        for name, _ in indexes:
+        for name, _, _ in indexes:
             db.cur.execute(f"DROP INDEX {name}")
         db.exclusive.update(tables)
         adds = [(d.startswith("UNIQUE"), f'ALTER TABLE {t} ADD CONSTRAINT "{n}" {d}') for t, n, d in constraints]
-        lookups = [sql for unique, sql in adds if unique] + [sql for _, sql in indexes if re.search(
-            r"\(\s*contact_id\b", sql)]
-        rest = [sql for _, sql in indexes if sql not in lookups] + [sql for unique, sql in adds if not unique]
+        lookups = [sql for unique, sql in adds if unique] + [sql for _, sql, on_contact in indexes if on_contact]
+        rest = [sql for _, sql, on_contact in indexes if not on_contact] + [sql for unique, sql in adds if not unique]
         return cls(db, lookups, rest)
 
     def restore_lookups(self) -> None:

@@ -130,7 +130,7 @@ class ImportSummary:
         return {"format": self.format, "rows": self.rows, "created": 0 if failed else self.created,
                 "merged": 0 if failed else self.merged, "skipped": 0 if failed else self.skipped,
                 "rejected": self.rejected, "dry_run": self.dry_run,
-                "written": not self.dry_run and not self.failed, "ignored_columns": self.ignored,
+                "written": not self.dry_run and not failed, "ignored_columns": self.ignored,
                 "errors": [{"line": e.line, "column": e.column, "reason": e.reason} for e in self.errors]}
 
 
@@ -857,9 +857,10 @@ def _fast_path(importer: Importer) -> None:
             with_ids and db.count_upto("contacts", uid, limit + 1) > limit):
         return
     if with_ids:
-        importer.known_ids = _KnownIds(cid for (cid,) in db.stream("SELECT id FROM contacts WHERE user_id = ?", (uid,)))
-    importer.seen = _SeenEmails(importer.opts.seen_bits, (email for (email,) in db.stream(
-        "SELECT email FROM contact_emails WHERE user_id = ?", (uid,))))
+        ids = db.stream("SELECT id FROM contacts WHERE user_id = ?", (uid,))
+        importer.known_ids = _KnownIds(cid for (cid,) in ids)
+    emails = db.stream("SELECT email FROM contact_emails WHERE user_id = ?", (uid,))
+    importer.seen = _SeenEmails(importer.opts.seen_bits, (email for (email,) in emails))
 
 
 # --- background import (a job) ------------------------------------------------------------------------
