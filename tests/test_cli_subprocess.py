@@ -6,7 +6,10 @@ import pty
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,3 +82,60 @@ def test_a_full_disk_under_stdout_is_one_clear_line(omnicrm_cmd, db_url, omnicrm
                          text=True, timeout=60)
     assert run.returncode == 1 and run.stderr.startswith("Error: No space left on device"), run.stderr
     assert "Traceback" not in run.stderr and "unexpected" not in run.stderr
+
+
+def _run_on_terminal(args: list[str], env: dict, stdout_too: bool) -> tuple[int, str, str]:
+    """Run `omnicrm ARGS` with stderr (and, if `stdout_too`, stdout) on a pseudo-terminal; returns
+    (exit code, what the terminal showed, stdout when it was a pipe)."""
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("omnicrm")), *args], stdin=subprocess.DEVNULL,
+                            stdout=slave if stdout_too else subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    shown = bytearray()
+
+    def drain() -> None:  # the terminal must be read while the command runs, or its redraws block it
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the command closed its end
+                return
+            if not chunk:
+                return
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out = b"" if stdout_too else proc.stdout.read()
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    os.close(master)
+    return proc.returncode, shown.decode(errors="replace"), out.decode()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_progress_bar_on_a_terminal_and_never_inside_a_streamed_plan(db_url, omnicrm_home, omnicrm_cmd, tmp_path):
+    """A big import shows its bar on a terminal's stderr; a dry-run plan streamed to that same terminal
+    would be torn up by the bar's redraws, so the bar stays off then (and on when the plan is piped)."""
+    big = tmp_path / "big.csv"
+    with big.open("w") as fh:
+        fh.write("name,email\n")
+        for i in range(25_000):  # over PROGRESS_MIN_BYTES
+            fh.write(f"Person number {i:05d},person.number.{i:05d}@example.com\n")
+    assert omnicrm_cmd("init").returncode == 0
+    env = {**os.environ, "OMNICRM_DATABASE_URL": db_url, "OMNICRM_HOME": str(omnicrm_home), "TERM": "xterm",
+           "COLUMNS": "100"}
+
+    code, shown, out = _run_on_terminal(["contacts", "import", str(big), "--dry-run", "--format", "csv"], env,
+                                        stdout_too=False)
+    assert code == 0 and "importing" in shown and "would create 25000" in shown
+    assert out.splitlines()[0].startswith("line,action") and len(out.splitlines()) == 25_001
+
+    code, shown, _ = _run_on_terminal(["contacts", "import", str(big), "--dry-run", "--format", "csv"], env,
+                                      stdout_too=True)
+    lines = shown.replace("\r\n", "\n").splitlines()
+    assert code == 0 and "importing" not in shown and "\x1b[" not in shown
+    assert len([line for line in lines if line.split(",")[1:2] == ["create"]]) == 25_000
+
+    code, shown, _ = _run_on_terminal(["contacts", "import", str(big)], env, stdout_too=True)
+    assert code == 0 and "importing" in shown and "created 25000" in shown

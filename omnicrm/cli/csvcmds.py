@@ -131,7 +131,7 @@ def import_(
             except OSError as exc:
                 raise InvalidInput(f"--rejects: cannot write {rejects}: {exc.strerror}") from None
         report_rows = rejects_writer is None
-        progress = _progress(st, source)
+        progress = _progress(st, source, plan)
 
         def on_progress(done: int) -> None:
             if plan:
@@ -258,6 +258,9 @@ class _Progress:
             self._bar = None
 
 
-def _progress(st, source) -> _Progress:
+def _progress(st, source, plan: "_Plan | None") -> _Progress:
     big = source.total_bytes is None or source.total_bytes >= PROGRESS_MIN_BYTES
-    return _Progress(source.total_bytes, enabled=big and sys.stderr.isatty() and not st.settings.quiet)
+    # A plan streamed to the same terminal would be torn up by the bar's redraws (a table waits for the end).
+    streams_to_terminal = plan is not None and plan.writer.fmt != "table" and sys.stdout.isatty()
+    return _Progress(source.total_bytes,
+                     enabled=big and sys.stderr.isatty() and not st.settings.quiet and not streams_to_terminal)
