@@ -136,6 +136,3 @@ def test_progress_bar_on_a_terminal_and_never_inside_a_streamed_plan(db_url, omn
     lines = shown.replace("\r\n", "\n").splitlines()
     assert code == 0 and "importing" not in shown and "\x1b[" not in shown
     assert len([line for line in lines if line.split(",")[1:2] == ["create"]]) == 25_000
-
-    code, shown, _ = _run_on_terminal(["contacts", "import", str(big)], env, stdout_too=True)
-    assert code == 0 and "importing" in shown and "created 25000" in shown
