@@ -27,7 +27,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
-BUDGET_S = 15 * 60  # the whole `make bench` on a 2-core machine
+# The whole `make bench` on a 2-core machine; a slower hour or machine may need more (each benchmark's timeout
+# is its share of it).
+BUDGET_S = float(os.environ.get("OMNICRM_BENCH_BUDGET_S", 15 * 60))
 
 
 def benchmarks(only: list[str]) -> list[Path]:
