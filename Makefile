@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install bytecode demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,15 +13,20 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test,redis]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) bytecode
 
-demo: $(STAMP)
+# Our own modules' bytecode, written up front: where PYTHONDONTWRITEBYTECODE is set, every `omnicrm`
+# process would otherwise compile them again (~0.15 s of a 1.2 s command on a slow machine).
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q omnicrm
+
+demo: bytecode
 	bash scripts/demo.sh
 
-test: $(STAMP)
+test: bytecode
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-bench: $(STAMP)
+bench: bytecode
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
