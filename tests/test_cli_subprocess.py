@@ -87,7 +87,6 @@ def test_a_full_disk_under_stdout_is_one_clear_line(omnicrm_cmd, db_url, omnicrm
 def _run_on_terminal(args: list[str], env: dict, stdout_too: bool) -> tuple[int, str, str]:
     """Run `omnicrm ARGS` with stderr (and, if `stdout_too`, stdout) on a pseudo-terminal; returns
     (exit code, what the terminal showed, stdout when it was a pipe)."""
-
     master, slave = pty.openpty()
     proc = subprocess.Popen([str(Path(sys.executable).with_name("omnicrm")), *args], stdin=subprocess.DEVNULL,
                             stdout=slave if stdout_too else subprocess.PIPE, stderr=slave, env=env)
@@ -106,11 +105,10 @@ def _run_on_terminal(args: list[str], env: dict, stdout_too: bool) -> tuple[int,
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
-    out = b"" if stdout_too else proc.stdout.read()
-    proc.wait(timeout=120)
+    out, _ = proc.communicate(timeout=120)
     reader.join(timeout=10)
     os.close(master)
-    return proc.returncode, shown.decode(errors="replace"), out.decode()
+    return proc.returncode, shown.decode(errors="replace"), (out or b"").decode()
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
