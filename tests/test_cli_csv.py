@@ -151,7 +151,7 @@ def test_skip_invalid_writes_good_rows_and_rejects_file(cli, tmp_path):
     ("display_name,email\nAnn,a@example.com\x00\n", "line 2, column email: contains a NUL character"),
     ("display_name,notes\nAnn," + "x" * 2_000_000 + "\n", "line 2, column notes: a line longer than 100,000"),
     ("display_name,email,email\nAnn,a@example.com,b@example.com\n", "duplicate column name"),
-    ("display_name,email\nAnn\n", "line 2, column email: missing"),
+    ("display_name,email\nAnn\n", "line 2, column email: missing: the row has 1 field, the header 2"),
 ])
 def test_bad_files(cli, tmp_path, text, expected):
     result = cli("contacts", "import", write(tmp_path, text))

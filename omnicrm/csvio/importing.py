@@ -440,7 +440,8 @@ class Importer:
             else:
                 self._pending_rejects.append((line, cells if self.keep_cells else [], [(
                     self.source.header[len(cells)] or str(len(cells) + 1),
-                                            f"missing: the row has {len(cells)} fields, the header {self.width}")]))
+                                            f"missing: the row has {len(cells)} field{'s' * (len(cells) != 1)}, "
+                                            f"the header {self.width}")]))
             return None
         errors: list[tuple[str, str]] = []
         if "\x00" in "".join(cells):
