@@ -397,6 +397,7 @@ def test_postgresql_bulk_load_puts_indexes_and_foreign_keys_back(session):
 
     assert len(list_contacts(session, uid, ContactFilter(search="555-0007")).items) == 1
 
+
 def test_postgresql_bulk_load_builds_the_lookup_indexes_before_merging_early(session):
     """A fast bulk load drops the indexes that looking rows up needs too. When held-back rows must merge
     before the end (a file repeating many emails), those indexes are built first: without them every lookup
