@@ -62,6 +62,25 @@ def test_phone_fast_path_gives_libphonenumber_answers(region):
         assert csvio.phone_e164(raw, region) == to_e164(raw, region), raw
 
 
+def test_phone_fast_path_of_every_country_calling_code():
+    """International numbers (the plus first) of every country calling code, of every national length, some
+    starting with 0 or with the country's national prefix, with separators here and there."""
+    import phonenumbers
+
+    rng = random.Random(44)
+    for code in sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE):
+        for _ in range(40):
+            national = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 17)))
+            raw = "+" + "".join(ch + (rng.choice(" ().-") if rng.random() < 0.2 else "") for ch in f"{code}{national}")
+            assert csvio.phone_e164(raw, "GB") == to_e164(raw, "GB"), raw
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(st.from_regex(r"\+[0-9 ().-]{3,20}", fullmatch=True))
+def test_phone_fast_path_on_arbitrary_international_strings(raw):
+    assert csvio.phone_e164(raw, "US") == to_e164(raw, "US")
+
+
 @hsettings(max_examples=400, deadline=None)
 @given(st.text(alphabet="0123456789 ().-+٤١٥", min_size=1, max_size=18))
 def test_phone_fast_path_on_arbitrary_strings(raw):
